@@ -1,0 +1,39 @@
+# The two set-up commands (see README): `make quickstart` and `make test`.
+# Both create .venv on first use and reuse it afterwards.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch first and pinned: on these machines 2.13.0 is the CPU build that lies on disk, while a
+# plain `torch` (asked for directly or by another package) pulls a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: install install-test quickstart test lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+quickstart: install
+	$(VENV)/bin/dreamsweep run configs/quickstart.yaml
+	$(VENV)/bin/dreamsweep select configs/quickstart.yaml
+
+test: install-test
+	$(PY) -m pytest
+
+lint: install-test
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf runs .pytest_cache

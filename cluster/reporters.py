@@ -1,0 +1,98 @@
+"""Reporters: where a training trajectory's progress goes (MLflow, the launcher's progress bars)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from evaluation.evaluator import Evaluation
+from launch import events
+from launch.tracking import TAG_CHECKPOINT
+
+
+class MlflowReporter:
+    """Logs a trial's curves, sample images and checkpoint paths to its MLflow run.
+
+    A retried trial resumes into the same run and may redo steps it had already logged before it
+    was killed; (key, step) pairs already in the run are not logged again, so every curve keeps
+    exactly one point per step.
+    """
+
+    flush_every = 50
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.pending: list[Metric] = []
+        self.logged: set[tuple[str, int]] = set()
+        for key in client.get_run(run_id).data.metrics:
+            self.logged |= {(key, m.step) for m in client.get_metric_history(run_id, key)}
+
+    def _add(self, key: str, value: float, step: int) -> None:
+        if (key, step) not in self.logged:
+            self.logged.add((key, step))
+            self.pending.append(Metric(key, float(value), int(time.time() * 1000), step))
+
+    def flush(self) -> None:
+        for start in range(0, len(self.pending), 1000):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, metrics=self.pending[start : start + 1000])
+        self.pending = []
+
+    def on_start(self, *, start_step: int, max_steps: int) -> None:
+        if start_step:
+            self.client.set_tag(self.run_id, "dreamsweep.resumed_from_step", str(start_step))
+
+    def on_train_step(self, step: int, *, loss: float, lr: float) -> None:
+        self._add("loss", loss, step)
+        self._add("lr", lr, step)
+        if len(self.pending) >= self.flush_every:
+            self.flush()
+
+    def on_evaluation(self, step: int, evaluation: Evaluation) -> None:
+        for key, value in evaluation.metrics.items():
+            self._add(key, value, step)
+        self.flush()
+        self.client.log_image(self.run_id, evaluation.grid, f"samples/step_{step:06d}.png")
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.client.set_tag(self.run_id, TAG_CHECKPOINT.format(step=step), str(path))
+
+    def on_finish(self) -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+
+class ProgressReporter:
+    """Emits progress events on stdout for the launcher's progress bars."""
+
+    def on_start(self, *, start_step: int, max_steps: int) -> None:
+        events.emit("start", start_step=start_step, max_steps=max_steps)
+
+    def on_train_step(self, step: int, *, loss: float, lr: float) -> None:
+        events.emit("step", step=step, loss=loss)
+
+    def on_evaluation(self, step: int, evaluation: Evaluation) -> None:
+        events.emit("evaluation", step=step, metrics=evaluation.metrics)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        events.emit("checkpoint", step=step, path=str(path))
+
+    def on_finish(self) -> None:
+        events.emit("finish")
+
+
+class Reporters:
+    """Fans each call out to several reporters, in order."""
+
+    def __init__(self, *reporters: object) -> None:
+        self.reporters = reporters
+
+    def __getattr__(self, name: str):
+        def fan_out(*args, **kwargs) -> None:
+            for reporter in self.reporters:
+                getattr(reporter, name)(*args, **kwargs)
+
+        return fan_out

@@ -1,0 +1,61 @@
+"""A trial worker: `python -m cluster.trial TRIAL_JSON --parent-run-id ID`.
+
+Every launcher ends here (directly, or under `accelerate launch` for several processes). The main
+process opens (or reopens, on a retry) the trial's MLflow child run and trains into it; the run
+is marked FAILED with the error if training raises, and the exit status is non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from accelerate import PartialState
+
+
+def _quiet_libraries() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cluster.trial", description=__doc__)
+    parser.add_argument("trial_json", type=Path, help="trial.json written by the launcher")
+    parser.add_argument("--parent-run-id", required=True, help="the sweep's MLflow parent run")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
+    from cluster.reporters import MlflowReporter, ProgressReporter, Reporters
+    from launch.grid import TrialConfig
+    from launch.tracking import TAG_ERROR, SweepTracking
+    from trainers.loop import train_trial
+
+    config = TrialConfig.model_validate_json(args.trial_json.read_text(encoding="utf-8"))
+    state = PartialState()
+    tracking = run_id = None
+    reporter: object = Reporters()
+    if state.is_main_process:
+        tracking = SweepTracking(config.tracking_uri, config.experiment)
+        run_id = tracking.trial_run(args.parent_run_id, config)
+        reporter = Reporters(MlflowReporter(tracking.client, run_id), ProgressReporter())
+    try:
+        train_trial(config, reporter)
+    except BaseException as err:
+        if tracking is not None and run_id is not None:
+            tracking.client.set_tag(run_id, TAG_ERROR, f"{type(err).__name__}: {err}"[:4000])
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            tracking.client.set_terminated(run_id, status)
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

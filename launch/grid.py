@@ -1,0 +1,109 @@
+"""Grid expansion: a spec → trials, each ONE training trajectory evaluated on the step grid.
+
+A trial is (subject, method, num_images, learning_rate, seed). Its id is a stable hash of
+everything that determines what it trains and measures (not of paths, launcher or selection),
+so re-running a spec finds finished trials, and editing a subject's images makes new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from launch.spec import EvalSpec, Method, SubjectSpec, SweepSpec, TrainSpec, subject_image_files
+
+
+class TrialConfig(BaseModel):
+    """Everything a worker needs to run one trial; written to `trial.json` by the launcher."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sweep: str
+    base_model: str
+    subject: SubjectSpec
+    method: Method
+    num_images: int
+    learning_rate: float
+    seed: int
+    max_steps: int
+    eval_every: int
+    train: TrainSpec
+    eval: EvalSpec
+    image_files: list[Path]
+    """The subject's first `num_images` files, in name order."""
+    image_digest: str
+    """sha256 over those files' bytes: the trial id follows the images, not their location."""
+    output_dir: Path
+    """This trial's folder: checkpoints, logs."""
+    tracking_uri: str
+    experiment: str
+
+    @property
+    def trial_id(self) -> str:
+        identity = self.model_dump(
+            mode="json",
+            exclude={
+                "image_files": True,
+                "output_dir": True,
+                "subject": {"images"},
+                "tracking_uri": True,
+                "experiment": True,
+            },
+        )
+        blob = json.dumps(identity, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    @property
+    def label(self) -> str:
+        """Short human name: subject/method/n=…/lr=…/seed=…."""
+        return (
+            f"{self.subject.name}/{self.method}/n={self.num_images}"
+            f"/lr={self.learning_rate:g}/seed={self.seed}"
+        )
+
+    @property
+    def eval_steps(self) -> list[int]:
+        return list(range(0, self.max_steps + 1, self.eval_every))
+
+
+def _digest(files: list[Path]) -> str:
+    sha = hashlib.sha256()
+    for path in files:
+        sha.update(hashlib.sha256(path.read_bytes()).digest())
+    return sha.hexdigest()
+
+
+def expand_grid(spec: SweepSpec) -> list[TrialConfig]:
+    """All trials of the spec, in a stable order (subject, method, num_images, lr, seed)."""
+    trials = []
+    for subject in spec.subjects:
+        files = subject_image_files(subject.images)
+        for method, num_images, learning_rate, seed in itertools.product(
+            spec.methods, spec.grid.num_images, spec.grid.learning_rate, spec.grid.seed
+        ):
+            chosen = files[:num_images]
+            trial = TrialConfig(
+                sweep=spec.name,
+                base_model=spec.base_model,
+                subject=subject,
+                method=method,
+                num_images=num_images,
+                learning_rate=learning_rate,
+                seed=seed,
+                max_steps=spec.grid.max_steps,
+                eval_every=spec.grid.eval_every,
+                train=spec.train,
+                eval=spec.eval,
+                image_files=chosen,
+                image_digest=_digest(chosen),
+                output_dir=Path("."),  # placeholder until the id is known
+                tracking_uri=spec.tracking_uri,
+                experiment=spec.experiment_name,
+            )
+            out = spec.resolved_output_dir / "trials" / f"{subject.name}-{trial.trial_id}"
+            trials.append(trial.model_copy(update={"output_dir": out}))
+    return trials

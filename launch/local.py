@@ -1,0 +1,170 @@
+"""The local launcher: each trial in its own worker process on this machine.
+
+A worker is `python -m cluster.trial` (or `accelerate launch -m cluster.trial` with several
+processes per trial, so multi-GPU runs the same way). A crashing trial is reported with the end
+of its log and the sweep goes on; finished trials found in MLflow are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from launch import events
+from launch.grid import TrialConfig, expand_grid
+from launch.spec import SweepSpec
+from launch.tracking import SweepTracking
+
+LOG_TAIL_LINES = 20
+
+
+@dataclass
+class TrialOutcome:
+    trial: TrialConfig
+    returncode: int
+    log: Path
+    log_tail: list[str]
+
+
+@dataclass
+class SweepOutcome:
+    trials: list[TrialConfig]
+    skipped: list[TrialConfig]
+    outcomes: list[TrialOutcome]
+
+    @property
+    def failed(self) -> list[TrialOutcome]:
+        return [o for o in self.outcomes if o.returncode != 0]
+
+
+def worker_command(trial_json: Path, parent_run_id: str, processes: int) -> list[str]:
+    entry = ["-m", "cluster.trial", str(trial_json), "--parent-run-id", parent_run_id]
+    if processes == 1:
+        return [sys.executable, *entry]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+    return [*launcher, "--num_processes", str(processes), *entry]
+
+
+def _run_worker(
+    trial: TrialConfig, parent_run_id: str, processes: int, progress: Progress, task: TaskID
+) -> TrialOutcome:
+    trial.output_dir.mkdir(parents=True, exist_ok=True)
+    trial_json = trial.output_dir / "trial.json"
+    trial_json.write_text(trial.model_dump_json(indent=2), encoding="utf-8")
+    log_path = trial.output_dir / "worker.log"
+    tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = worker_command(trial_json, parent_run_id, processes)
+    with open(log_path, "a", encoding="utf-8") as log:
+        with subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        ) as worker:
+            assert worker.stdout is not None
+            for line in worker.stdout:
+                event = events.parse(line)
+                if event is None:
+                    log.write(line)
+                    tail.append(line.rstrip("\n"))
+                elif event["event"] == "start":
+                    progress.update(task, completed=event["start_step"], visible=True)
+                    progress.start_task(task)
+                elif event["event"] == "step":
+                    progress.update(task, completed=event["step"], loss=f"{event['loss']:.4f}")
+            returncode = worker.wait()
+    return TrialOutcome(trial, returncode, log_path, list(tail))
+
+
+def run_local(spec: SweepSpec, *, console: Console | None = None) -> SweepOutcome:
+    """Run every unfinished trial of the spec; returns what ran, what was skipped, what failed."""
+    console = console or Console()
+    trials = expand_grid(spec)
+    output_dir = spec.resolved_output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tracking = SweepTracking(
+        spec.tracking_uri, spec.experiment_name, artifact_root=output_dir / "mlartifacts"
+    )
+    parent_run_id = tracking.parent_run(
+        spec.name, params={"trials": str(len(trials)), "base_model": spec.base_model}
+    )
+    done = tracking.finished_trials(parent_run_id)
+    skipped = [t for t in trials if t.trial_id in done]
+    pending = [t for t in trials if t.trial_id not in done]
+    console.print(
+        f"Sweep [bold]{spec.name}[/]: {len(trials)} trials, {len(skipped)} already done, "
+        f"{len(pending)} to run. MLflow: {spec.tracking_uri}"
+    )
+    if not pending:
+        console.print("All trials are already done: nothing to train.")
+        return SweepOutcome(trials, skipped, [])
+
+    tracking.client.update_run(parent_run_id, status="RUNNING")
+    outcomes: list[TrialOutcome] = []
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        sweep_task = progress.add_task(f"sweep {spec.name}: trials", total=len(pending), loss="-")
+        tasks = {
+            t.trial_id: progress.add_task(
+                t.label, total=t.max_steps, loss="-", start=False, visible=False
+            )
+            for t in pending
+        }
+        processes = spec.launcher.processes_per_trial
+        with ThreadPoolExecutor(max_workers=spec.launcher.max_parallel) as pool:
+            futures = [
+                pool.submit(_run_worker, t, parent_run_id, processes, progress, tasks[t.trial_id])
+                for t in pending
+            ]
+            for future in futures:
+                outcome = future.result()
+                outcomes.append(outcome)
+                progress.advance(sweep_task)
+                progress.update(tasks[outcome.trial.trial_id], visible=False)
+                _report(progress.console, outcome)
+
+    failed = [o for o in outcomes if o.returncode != 0]
+    tracking.client.set_terminated(parent_run_id, "FAILED" if failed else "FINISHED")
+    console.print(
+        f"Sweep [bold]{spec.name}[/]: {len(outcomes) - len(failed)} trained, {len(failed)} failed, "
+        f"{len(skipped)} skipped (already done)."
+    )
+    return SweepOutcome(trials, skipped, outcomes)
+
+
+def _report(console: Console, outcome: TrialOutcome) -> None:
+    label = outcome.trial.label
+    if outcome.returncode == 0:
+        console.print(f"[green]✓[/] {label} finished ({outcome.trial.trial_id})")
+        return
+    console.print(
+        f"[red]✗ {label} failed[/] with exit status {outcome.returncode}; "
+        f"log: {outcome.log}; its last lines:"
+    )
+    for line in outcome.log_tail:
+        console.print(f"    {line}", markup=False, highlight=False)

@@ -1,0 +1,450 @@
+"""The sweep spec: one pydantic model tree, loaded from YAML and validated before anything runs.
+
+Every default lives here, once. Relative paths in a spec resolve against the spec file's folder.
+`load_spec` collects every problem (schema first, then the files the spec points at) and raises
+one `SpecError` naming the file, the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import yaml
+from PIL import Image, UnidentifiedImageError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+PROMPT_SLOTS = ("token", "class")
+TINY = "tiny"
+
+Method = Literal["lora"]
+Metric = Literal["similarity", "diversity"]
+
+# The portrait study's min–max ranges; scores are clipped to [0, 1] after scaling.
+STUDY_RANGES: dict[str, tuple[float, float]] = {
+    "similarity": (0.45, 0.85),
+    "aesthetics": (0.3, 0.7),
+    "diversity": (0.5, 0.75),
+}
+STUDY_WEIGHTS: dict[str, float] = {"similarity": 1.0, "aesthetics": 1.0, "diversity": 0.5}
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; `problems` lists every reason, each naming its field."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"{source}: {len(problems)} {noun} in the sweep spec:\n{lines}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    path = path.expanduser()
+    if base is not None and not path.is_absolute():
+        path = Path(base) / path
+    return path.resolve() if base is not None else path
+
+
+class SubjectSpec(_Strict):
+    """One subject to personalise the model on."""
+
+    name: str
+    """Short name, used in folder names and run names: letters, digits, `_`, `.`, `-`."""
+    images: Path
+    """Folder of the subject's images (PNG, JPEG, WebP, BMP); files are taken in name order."""
+    class_token: str
+    """The subject's class noun, e.g. `man`, `woman`, `dog`."""
+    identifier: str = "sks"
+    """The rare token that comes to mean this subject, e.g. `sks`."""
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not SAFE_NAME.match(name) or name in {".", ".."}:
+            raise ValueError(
+                "must be a safe path component: 1-64 of letters, digits, '_', '.', '-', "
+                "starting with a letter or digit"
+            )
+        return name
+
+    @field_validator("images")
+    @classmethod
+    def _resolve_images(cls, images: Path, info: ValidationInfo) -> Path:
+        return _resolve(images, info)
+
+    @field_validator("class_token", "identifier")
+    @classmethod
+    def _one_word(cls, word: str) -> str:
+        if not word.strip() or any(c in word for c in "{}\n"):
+            raise ValueError("must be a non-empty word without braces or newlines")
+        return word.strip()
+
+
+class GridSpec(_Strict):
+    """The axes every subject × method is crossed with, and the step grid of each trajectory."""
+
+    num_images: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    """Numbers of the subject's images to train on (the first N in name order)."""
+    learning_rate: list[Annotated[float, Field(gt=0)]] = Field(min_length=1)
+    """Learning rates to try."""
+    seed: list[int] = Field(default=[0], min_length=1)
+    """Training seeds to try."""
+    max_steps: int = Field(ge=1)
+    """Length of each training trajectory, in optimizer steps."""
+    eval_every: int = Field(ge=1)
+    """Evaluate every this many steps (and at step 0): these points are the step grid."""
+
+    @model_validator(mode="after")
+    def _eval_divides(self) -> GridSpec:
+        if self.max_steps % self.eval_every:
+            raise ValueError(
+                f"eval_every ({self.eval_every}) must divide max_steps ({self.max_steps}) so the "
+                "last step is evaluated"
+            )
+        return self
+
+
+class TrainSpec(_Strict):
+    """How each trajectory trains."""
+
+    resolution: int = Field(default=512, ge=8, multiple_of=8)
+    """Square training resolution in pixels (images are resized and centre-cropped)."""
+    batch_size: int = Field(default=1, ge=1)
+    """Images per optimizer step, per process."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Precision of the frozen weights and forward passes; trained weights stay fp32."""
+    lora_rank: int = Field(default=4, ge=1)
+    """LoRA rank on the UNet attention projections."""
+    lora_alpha: float | None = Field(default=None, gt=0)
+    """LoRA alpha; unset means equal to the rank (scale 1)."""
+    adam_weight_decay: float = Field(default=1e-2, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    """Gradient clipping norm."""
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    """Learning-rate schedule."""
+    lr_warmup_steps: int = Field(default=0, ge=0)
+    """Warm-up steps of the learning-rate schedule."""
+    gradient_checkpointing: bool = False
+    """Recompute UNet activations in the backward pass to save memory."""
+
+
+class EvalSpec(_Strict):
+    """What is generated and measured at every point of the step grid."""
+
+    prompts: list[str] = Field(
+        default=[
+            "a photo of {token} {class}",
+            "a {token} {class} on the beach",
+            "a painting of {token} {class} in the style of van gogh",
+            "a {token} {class} in the snow",
+        ],
+        min_length=1,
+    )
+    """Validation prompts; `{token}` is the subject's identifier, `{class}` its class token."""
+    images_per_prompt: int = Field(default=4, ge=1)
+    """Images generated per prompt, each with its own fixed seed."""
+    num_inference_steps: int = Field(default=25, ge=1)
+    """Denoising steps per image."""
+    guidance_scale: float = Field(default=7.5, ge=0)
+    """Classifier-free guidance scale."""
+    scheduler: Literal["dpm++", "ddim", "euler", "pndm"] = "dpm++"
+    """Sampler used for evaluation images."""
+    batch_size: int = Field(default=8, ge=1)
+    """Images generated per pipeline call."""
+    seed: int = 0
+    """Seed of the first image; the same seeds are used at every evaluation step."""
+    image_encoder: str = "openai/clip-vit-large-patch14"
+    """CLIP image encoder for similarity and diversity: a hub id, a local folder, or `tiny`."""
+    metrics: list[Metric] = Field(default=["similarity", "diversity"], min_length=1)
+    """Curves to compute at each evaluation step."""
+
+    @field_validator("prompts")
+    @classmethod
+    def _known_slots(cls, prompts: list[str]) -> list[str]:
+        for prompt in prompts:
+            try:
+                slots = {f for _, f, _, _ in string.Formatter().parse(prompt) if f is not None}
+            except ValueError as err:
+                raise ValueError(f"prompt {prompt!r} is not a valid template: {err}") from None
+            unknown = slots - set(PROMPT_SLOTS)
+            if unknown:
+                raise ValueError(
+                    f"prompt {prompt!r} uses unknown slot(s) {sorted(unknown)}; allowed: "
+                    + ", ".join("{" + s + "}" for s in PROMPT_SLOTS)
+                )
+        return prompts
+
+    @model_validator(mode="after")
+    def _enough_images_for_diversity(self) -> EvalSpec:
+        if "diversity" in self.metrics and len(self.prompts) * self.images_per_prompt < 2:
+            raise ValueError("diversity needs at least 2 evaluation images per step")
+        return self
+
+
+class SelectionSpec(_Strict):
+    """How the stop step is chosen from the curves."""
+
+    weights: dict[Metric, Annotated[float, Field(ge=0)]] | None = None
+    """Weight of each metric in the score; unset means the study's weights for the measured ones."""
+    ranges: dict[Metric, tuple[float, float]] = Field(
+        default_factory=lambda: {k: v for k, v in STUDY_RANGES.items() if k in get_args(Metric)}
+    )
+    """Min–max range per metric; values are scaled to [0, 1] over it and clipped."""
+
+    @field_validator("ranges")
+    @classmethod
+    def _ordered(cls, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for metric, (low, high) in ranges.items():
+            if not low < high:
+                raise ValueError(f"range of {metric} must have min < max, got [{low}, {high}]")
+        return ranges
+
+
+class LocalLauncherSpec(_Strict):
+    """Run trials as worker processes on this machine."""
+
+    kind: Literal["local"] = "local"
+    max_parallel: int = Field(default=1, ge=1)
+    """Trials run at once."""
+    processes_per_trial: int = Field(default=1, ge=1)
+    """Processes per trial (`accelerate launch --num_processes`), e.g. one per GPU."""
+
+
+class TrackingSpec(_Strict):
+    """Where curves, images and checkpoints are recorded."""
+
+    uri: str | None = None
+    """MLflow tracking URI; unset means a SQLite file `mlflow.db` in the output folder."""
+    experiment: str | None = None
+    """MLflow experiment name; unset means the sweep's name."""
+
+
+class SweepSpec(_Strict):
+    """A sweep: subjects × methods × grid, trained, evaluated, tracked and selected."""
+
+    name: str
+    """Sweep name: letters, digits, `_`, `.`, `-`."""
+    base_model: str
+    """Diffusers Stable Diffusion weights: a hub id, a local folder, or `tiny` (built offline)."""
+    output_dir: Path | None = None
+    """Where checkpoints, logs and the default MLflow store go; unset means `runs/<name>` beside
+    the spec file."""
+    subjects: list[SubjectSpec] = Field(min_length=1)
+    methods: list[Method] = Field(default=["lora"], min_length=1)
+    grid: GridSpec
+    train: TrainSpec = TrainSpec()
+    eval: EvalSpec = EvalSpec()
+    selection: SelectionSpec = SelectionSpec()
+    launcher: LocalLauncherSpec = LocalLauncherSpec()
+    tracking: TrackingSpec = TrackingSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        return SubjectSpec._safe_name(name)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_output_dir(cls, data: Any) -> Any:
+        if (
+            isinstance(data, dict)
+            and data.get("output_dir") is None
+            and isinstance(data.get("name"), str)
+        ):
+            return {**data, "output_dir": f"runs/{data['name']}"}
+        return data
+
+    @field_validator("launcher", mode="before")
+    @classmethod
+    def _launcher_shorthand(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+    @field_validator("base_model")
+    @classmethod
+    def _local_or_hub(cls, base_model: str, info: ValidationInfo) -> str:
+        if base_model == TINY:
+            return base_model
+        if base_model.startswith((".", "/", "~")):
+            path = _resolve(Path(base_model), info)
+            if not path.is_dir():
+                raise ValueError(f"local model folder {str(path)!r} does not exist")
+            return str(path)
+        return base_model
+
+    @field_validator("output_dir")
+    @classmethod
+    def _resolve_output(cls, output_dir: Path | None, info: ValidationInfo) -> Path | None:
+        return None if output_dir is None else _resolve(output_dir, info)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> SweepSpec:
+        problems = []
+        names = [s.name for s in self.subjects]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            problems.append(f"subjects: names must be unique, repeated: {duplicates}")
+        if self.selection.weights is not None:
+            unmeasured = sorted(set(self.selection.weights) - set(self.eval.metrics))
+            if unmeasured:
+                problems.append(
+                    f"selection.weights: {unmeasured} not in eval.metrics {self.eval.metrics}"
+                )
+            if not any(self.selection.weights.values()):
+                problems.append("selection.weights: at least one weight must be > 0")
+        missing_ranges = sorted(set(self.eval.metrics) - set(self.selection.ranges))
+        if missing_ranges:
+            problems.append(f"selection.ranges: no range for measured metric(s) {missing_ranges}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # Derived values: computed here so no caller re-implements a default.
+    @property
+    def resolved_output_dir(self) -> Path:
+        assert self.output_dir is not None, "set by _default_output_dir"
+        return self.output_dir
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.tracking.uri is not None:
+            return self.tracking.uri
+        return f"sqlite:///{self.resolved_output_dir / 'mlflow.db'}"
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def selection_weights(self) -> dict[str, float]:
+        if self.selection.weights is not None:
+            return dict(self.selection.weights)
+        return {m: STUDY_WEIGHTS[m] for m in self.eval.metrics}
+
+
+def subject_image_files(folder: Path) -> list[Path]:
+    """The subject's files in name order (dotfiles such as `.DS_Store` are not images)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _check_image(path: Path) -> str | None:
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return f"not an image file (allowed: {', '.join(IMAGE_SUFFIXES)})"
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        return f"unreadable image ({err.__class__.__name__}: {err})"
+    return None
+
+
+def check_subject_files(spec: SweepSpec) -> list[str]:
+    """Problems with the image folders the spec points at (every one, not just the first)."""
+    problems = []
+    needed = max(spec.grid.num_images)
+    for index, subject in enumerate(spec.subjects):
+        field = f"subjects[{index}].images"
+        if not subject.images.is_dir():
+            problems.append(f"{field}: folder {str(subject.images)!r} does not exist")
+            continue
+        files = subject_image_files(subject.images)
+        if not files:
+            problems.append(f"{field}: folder {str(subject.images)!r} has no images")
+            continue
+        for path in files:
+            reason = _check_image(path)
+            if reason:
+                problems.append(f"{field}: {str(path)!r} is {reason}")
+        if len(files) < needed:
+            problems.append(
+                f"{field}: folder {str(subject.images)!r} has {len(files)} image(s) but "
+                f"grid.num_images asks for up to {needed}"
+            )
+    return problems
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """Field names of the model found at `loc` (the parent of an unknown key)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        current = field.annotation
+        while get_origin(current) is not None:  # list[X], X | None
+            args = [a for a in get_args(current) if a is not type(None)]
+            current = next(
+                (a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), args[0]
+            )
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = error["loc"]
+    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(SweepSpec, loc[:-1]) or []
+        return f"{field or '<top>'}: unknown key; allowed keys: {', '.join(allowed)}"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"{field}: required field is missing"
+    value = error.get("input")
+    if isinstance(value, dict):  # a check across fields: the message names them
+        return f"{field or '<top>'}: {message}"
+    shown = repr(value) if len(repr(value)) < 120 else repr(value)[:117] + "..."
+    return f"{field or '<top>'}: {message} (got {shown})"
+
+
+def parse_spec(data: Any, *, source: str, base_dir: Path) -> SweepSpec:
+    """Validate already-parsed YAML; raises `SpecError` listing every schema problem."""
+    if not isinstance(data, dict):
+        raise SpecError(source, [f"<top>: expected a mapping of fields, got {type(data).__name__}"])
+    try:
+        return SweepSpec.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as err:
+        raise SpecError(source, [_describe(e) for e in err.errors()]) from None
+
+
+def load_spec(path: str | Path, *, check_files: bool = True) -> SweepSpec:
+    """Load, validate and resolve a sweep spec; raises `SpecError` before any work starts."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise SpecError(source, [f"cannot read the file: {err.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpecError(source, [f"not valid YAML: {err}"]) from None
+    spec = parse_spec(data, source=source, base_dir=path.resolve().parent)
+    if check_files:
+        problems = check_subject_files(spec)
+        if problems:
+            raise SpecError(source, problems)
+    return spec

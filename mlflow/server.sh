@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Start the MLflow tracking server for a sweep: mlflow/server.sh [STORE_DIR] [PORT] [HOST]
+#
+# SQLite backend and artifact store in STORE_DIR (default ./mlflow-store); artifacts are proxied
+# through the server (--serve-artifacts), so trials on other nodes need only the HTTP URI.
+# Binds 127.0.0.1 unless a HOST is given: pass the login node's address only when compute nodes
+# must reach it, and put authentication in front of it (MLflow credentials come from the
+# clients' environment: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN).
+set -euo pipefail
+store=$(realpath -m "${1:-mlflow-store}")
+port=${2:-5000}
+host=${3:-127.0.0.1}
+if [ "$host" != "127.0.0.1" ] && [ "$host" != "localhost" ]; then
+  echo "warning: binding $host: the tracking server is reachable beyond this machine" >&2
+fi
+# The job runner (huey consumers, several processes) serves GenAI evaluation jobs; sweeps do
+# not use it, and it would take the CPU from training on a small login node.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
+mkdir -p "$store/artifacts"
+exec mlflow server \
+  --backend-store-uri "sqlite:///$store/mlflow.db" \
+  --artifacts-destination "$store/artifacts" \
+  --serve-artifacts \
+  --host "$host" \
+  --port "$port" \
+  --workers 1

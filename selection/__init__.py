@@ -1,0 +1,1 @@
+"""Picking stop points from the curves logged in MLflow."""
