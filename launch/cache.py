@@ -11,6 +11,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 
 def cache_root() -> Path:
     return Path(os.environ.get("DREAMSWEEP_CACHE", Path.home() / ".cache" / "dreamsweep"))
@@ -28,7 +30,10 @@ def build_once(name: str, build: Callable[[Path], None]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        build(staging)
+        # Builders seed torch for reproducible weights; the caller's RNG stream must not
+        # depend on whether the cache was warm.
+        with torch.random.fork_rng(devices=[]):
+            build(staging)
         try:
             os.rename(staging, target)
         except OSError:

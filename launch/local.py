@@ -144,6 +144,12 @@ def run_local(spec: SweepSpec, *, console: Console | None = None) -> SweepOutcom
             for future in futures:
                 outcome = future.result()
                 outcomes.append(outcome)
+                if outcome.returncode != 0:
+                    tracking.mark_failed(
+                        parent_run_id,
+                        outcome.trial.trial_id,
+                        f"worker exited with status {outcome.returncode}; log: {outcome.log}",
+                    )
                 progress.advance(sweep_task)
                 progress.update(tasks[outcome.trial.trial_id], visible=False)
                 _report(progress.console, outcome)

@@ -35,8 +35,9 @@ class SweepTracking:
         if found is not None:
             self.experiment_id = found.experiment_id
         else:
-            # A local store keeps artifacts beside the sweep (a server decides for itself).
-            location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+            # A local store keeps artifacts beside the sweep; a server decides for itself.
+            local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+            location = artifact_root.resolve().as_uri() if artifact_root and local else None
             try:
                 self.experiment_id = self.client.create_experiment(
                     experiment, artifact_location=location
@@ -86,6 +87,13 @@ class SweepTracking:
             for trial_id, run in self.trial_runs(parent_run_id).items()
             if run.info.status == RunStatus.to_string(RunStatus.FINISHED)
         }
+
+    def mark_failed(self, parent_run_id: str, trial_id: str, reason: str) -> None:
+        """Mark a trial's run FAILED when its worker died without saying so (a kill, OOM)."""
+        run = self.trial_runs(parent_run_id).get(trial_id)
+        if run is not None and run.info.status == "RUNNING":
+            self.client.set_tag(run.info.run_id, TAG_ERROR, reason)
+            self.client.set_terminated(run.info.run_id, "FAILED")
 
     def trial_run(self, parent_run_id: str, trial: TrialConfig) -> str:
         """The trial's child run id: the existing one (a retry resumes into it) or a new one."""

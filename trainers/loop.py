@@ -50,11 +50,11 @@ def train_trial(config: TrialConfig, reporter: Reporter) -> None:
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
     device = accelerator.device
     weight_dtype = PRECISION[config.train.mixed_precision]
-    set_seed(config.seed)  # adapter init draws from the global RNG
 
     # Base model and method: frozen weights in the low precision, trained weights in fp32.
     model = load_base_model(config.base_model, dtype=weight_dtype)
     method = METHODS[config.method](config.train)
+    set_seed(config.seed)  # the method's new weights (adapter init) draw from the global RNG
     trainable = method.setup(model)
     if config.train.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()

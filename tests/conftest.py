@@ -1,0 +1,84 @@
+"""Shared fixtures: a private model cache, and small sweep specs written to a temporary folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART_SUBJECTS = REPO / "configs" / "subjects"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny models are built once per test session into a private cache (not ~/.cache)."""
+    cache = tmp_path_factory.mktemp("dreamsweep-cache")
+    previous = os.environ.get("DREAMSWEEP_CACHE")
+    os.environ["DREAMSWEEP_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("DREAMSWEEP_CACHE", None)
+    else:
+        os.environ["DREAMSWEEP_CACHE"] = previous
+
+
+def copy_subject(name: str, destination: Path) -> Path:
+    shutil.copytree(QUICKSTART_SUBJECTS / name, destination)
+    return destination
+
+
+def small_spec(tmp_path: Path, **overrides: object) -> dict:
+    """A spec small enough to train in seconds on a CPU: 4 steps, evaluated every 2."""
+    images = tmp_path / "subjects" / "robot"
+    if not images.exists():
+        copy_subject("robot", images)
+    spec = {
+        "name": "small",
+        "base_model": "tiny",
+        "subjects": [{"name": "robot", "images": "subjects/robot", "class_token": "toy"}],
+        "methods": ["lora"],
+        "grid": {
+            "num_images": [2],
+            "learning_rate": [1e-3],
+            "seed": [0],
+            "max_steps": 4,
+            "eval_every": 2,
+        },
+        "train": {"resolution": 64, "lora_rank": 4},
+        "eval": {
+            "prompts": ["a photo of {token} {class}"],
+            "images_per_prompt": 2,
+            "num_inference_steps": 3,
+            "image_encoder": "tiny",
+        },
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return spec
+
+
+def write_spec(tmp_path: Path, spec: dict, name: str = "sweep.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def dreamsweep(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a subprocess, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "launch.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)},
+        timeout=900,
+    )

@@ -1,0 +1,51 @@
+"""Grid expansion: one trial per (subject, method, num_images, learning_rate, seed), stable ids."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from conftest import copy_subject, small_spec, write_spec
+
+from launch.grid import expand_grid
+from launch.spec import load_spec
+
+
+def test_grid_is_the_cross_product_in_a_stable_order(tmp_path: Path) -> None:
+    copy_subject("mug", tmp_path / "subjects" / "mug")
+    spec = small_spec(tmp_path, grid={"num_images": [2, 4], "learning_rate": [1e-4, 1e-3]})
+    spec["subjects"].append({"name": "mug", "images": "subjects/mug", "class_token": "cup"})
+    trials = expand_grid(load_spec(write_spec(tmp_path, spec)))
+    assert [t.label for t in trials] == [
+        f"{subject}/lora/n={n}/lr={lr}/seed=0"
+        for subject in ("robot", "mug")
+        for n in (2, 4)
+        for lr in ("0.0001", "0.001")
+    ]
+    assert len({t.trial_id for t in trials}) == 8
+    assert trials[0].eval_steps == [0, 2, 4]
+    assert [p.name for p in trials[2].image_files] == ["00.png", "01.png", "02.png", "03.png"]
+
+
+def test_trial_ids_follow_content_not_location(tmp_path: Path) -> None:
+    first = tmp_path / "a"
+    first.mkdir()
+    ids = [t.trial_id for t in expand_grid(load_spec(write_spec(first, small_spec(first))))]
+    moved = tmp_path / "b"
+    shutil.copytree(first, moved)
+    moved_spec = load_spec(moved / "sweep.yaml")
+    assert [t.trial_id for t in expand_grid(moved_spec)] == ids
+    # Different images → a different trial; different selection weights → the same trial.
+    (moved / "subjects" / "robot" / "00.png").write_bytes(
+        (moved / "subjects" / "robot" / "02.png").read_bytes()
+    )
+    assert [t.trial_id for t in expand_grid(load_spec(moved / "sweep.yaml"))] != ids
+    reweighted = small_spec(first, selection={"weights": {"similarity": 1.0}})
+    assert [t.trial_id for t in expand_grid(load_spec(write_spec(first, reweighted)))] == ids
+
+
+def test_trial_config_round_trips_through_json(tmp_path: Path) -> None:
+    [trial] = expand_grid(load_spec(write_spec(tmp_path, small_spec(tmp_path))))
+    again = type(trial).model_validate_json(trial.model_dump_json())
+    assert again == trial and again.trial_id == trial.trial_id
+    assert trial.output_dir == tmp_path / "runs" / "small" / "trials" / f"robot-{trial.trial_id}"

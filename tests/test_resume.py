@@ -1,0 +1,152 @@
+"""A killed trial resumes at its checkpoint, into the same MLflow run, with the same numbers."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import copy_subject, small_spec, write_spec
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+
+from launch.grid import TrialConfig, expand_grid
+from launch.local import run_local
+from launch.spec import load_spec
+from trainers.checkpoint import latest_checkpoint
+from trainers.loop import TRAINER_STATE, checkpoints_root, train_trial
+
+pytestmark = pytest.mark.slow
+
+
+class Recorder:
+    """A reporter that keeps what it is told, and can die after a given checkpoint."""
+
+    def __init__(self, die_after_checkpoint: int | None = None) -> None:
+        self.losses: dict[int, float] = {}
+        self.metrics: dict[int, dict[str, float]] = {}
+        self.die_after_checkpoint = die_after_checkpoint
+
+    def on_start(self, *, start_step: int, max_steps: int) -> None:
+        self.start_step = start_step
+
+    def on_train_step(self, step: int, *, loss: float, lr: float) -> None:
+        self.losses[step] = loss
+
+    def on_evaluation(self, step: int, evaluation) -> None:
+        self.metrics[step] = evaluation.metrics
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        if step == self.die_after_checkpoint:
+            raise KeyboardInterrupt("killed for the test")
+
+    def on_finish(self) -> None:
+        pass
+
+
+def trial_in(folder: Path) -> TrialConfig:
+    folder.mkdir()
+    spec = small_spec(folder, grid={"max_steps": 6, "eval_every": 2})
+    [trial] = expand_grid(load_spec(write_spec(folder, spec)))
+    return trial
+
+
+def final_weights(trial: TrialConfig) -> dict[str, torch.Tensor]:
+    step, folder = latest_checkpoint(checkpoints_root(trial))
+    assert step == trial.max_steps
+    return torch.load(folder / TRAINER_STATE, weights_only=True)["trainable"]
+
+
+def test_resumed_trial_equals_uninterrupted_trial(tmp_path: Path) -> None:
+    whole = trial_in(tmp_path / "whole")
+    uninterrupted = Recorder()
+    train_trial(whole, uninterrupted)
+
+    broken = trial_in(tmp_path / "broken")
+    first = Recorder(die_after_checkpoint=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_trial(broken, first)
+    assert latest_checkpoint(checkpoints_root(broken))[0] == 2
+    second = Recorder()
+    train_trial(broken, second)
+
+    assert second.start_step == 2
+    assert sorted(second.losses) == [3, 4, 5, 6]
+    merged = {**first.losses, **second.losses}
+    assert merged == pytest.approx(uninterrupted.losses, rel=1e-6)
+    for step in (4, 6):
+        assert second.metrics[step]["similarity"] == pytest.approx(
+            uninterrupted.metrics[step]["similarity"], rel=1e-6
+        )
+    expected, resumed = final_weights(whole), final_weights(broken)
+    assert expected.keys() == resumed.keys() and len(expected) > 0
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-6, atol=1e-7)
+
+
+def test_killed_worker_is_reported_and_the_rerun_resumes_into_the_same_run(
+    tmp_path: Path,
+) -> None:
+    copy_subject("mug", tmp_path / "subjects" / "mug")
+    spec_dict = small_spec(tmp_path, grid={"max_steps": 40, "eval_every": 2})
+    spec_dict["subjects"].append({"name": "mug", "images": "subjects/mug", "class_token": "cup"})
+    spec = load_spec(write_spec(tmp_path, spec_dict))
+    robot, mug = expand_grid(spec)
+
+    def kill_mug_after_its_first_checkpoint() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if (checkpoints_root(mug) / "step_000004" / "COMPLETE").exists():
+                for pid in os.listdir("/proc"):
+                    try:
+                        cmdline = Path("/proc", pid, "cmdline").read_bytes()
+                    except OSError:
+                        continue
+                    if str(mug.output_dir / "trial.json").encode() in cmdline:
+                        os.kill(int(pid), signal.SIGKILL)
+                        return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_mug_after_its_first_checkpoint)
+    killer.start()
+    output = io.StringIO()
+    outcome = run_local(spec, console=Console(file=output, width=200))
+    killer.join()
+
+    assert [o.trial.subject.name for o in outcome.failed] == ["mug"]
+    assert outcome.failed[0].returncode == -signal.SIGKILL
+    assert "✓ robot/lora" in output.getvalue() and "✗ mug/lora" in output.getvalue()
+    client = MlflowClient(tracking_uri=spec.tracking_uri)
+    experiment = client.get_experiment_by_name(spec.experiment_name)
+
+    def trial_runs() -> dict[str, object]:
+        runs = client.search_runs([experiment.experiment_id])
+        return {
+            r.data.tags["dreamsweep.trial_id"]: r
+            for r in runs
+            if r.data.tags.get("dreamsweep.trial_id")
+        }
+
+    killed = trial_runs()[mug.trial_id]
+    assert killed.info.status == "FAILED"
+    assert "status -9" in killed.data.tags["dreamsweep.error"]
+
+    rerun_output = io.StringIO()
+    rerun = run_local(spec, console=Console(file=rerun_output, width=200))
+    assert [o.trial.trial_id for o in rerun.outcomes] == [mug.trial_id]
+    assert [t.trial_id for t in rerun.skipped] == [robot.trial_id]
+    assert not rerun.failed
+
+    resumed = trial_runs()[mug.trial_id]
+    assert resumed.info.run_id == killed.info.run_id
+    assert resumed.info.status == "FINISHED"
+    assert int(resumed.data.tags["dreamsweep.resumed_from_step"]) >= 4
+    run_id = resumed.info.run_id
+    for metric, steps in (("similarity", range(0, 41, 2)), ("loss", range(1, 41))):
+        history = [m.step for m in client.get_metric_history(run_id, metric)]
+        assert sorted(history) == list(steps)  # no gap, no duplicate

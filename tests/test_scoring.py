@@ -1,0 +1,54 @@
+"""Stop-step selection on synthetic curves with a known answer."""
+
+from __future__ import annotations
+
+import pytest
+
+from launch.spec import STUDY_RANGES
+from selection.scoring import best_step, min_max_scale, weighted_scores
+
+STEPS = range(0, 1001, 100)
+
+
+def rise_then_collapse() -> dict[str, dict[int, float]]:
+    """Similarity rises to a plateau by step 600; diversity holds, then collapses after 500."""
+    similarity = {s: min(0.85, 0.45 + 0.4 * s / 600) for s in STEPS}
+    diversity = {s: 0.75 if s <= 500 else 0.75 - 0.05 * (s - 500) / 100 for s in STEPS}
+    return {"similarity": similarity, "diversity": diversity}
+
+
+def test_min_max_scale_clips() -> None:
+    assert min_max_scale(0.65, 0.45, 0.85) == pytest.approx(0.5)
+    assert min_max_scale(0.2, 0.45, 0.85) == 0.0
+    assert min_max_scale(0.95, 0.45, 0.85) == 1.0
+
+
+def test_best_step_balances_rise_and_collapse() -> None:
+    weights = {"similarity": 1.0, "diversity": 0.5}
+    scores = weighted_scores(rise_then_collapse(), weights, STUDY_RANGES)
+    # At 500: sim 0.45+0.4*5/6 → scaled 5/6, div scaled 1 → (5/6 + 0.5)/1.5 = 0.8889.
+    # At 600: sim scaled 1, div 0.70 → scaled 0.8 → (1 + 0.4)/1.5 = 0.9333: the best.
+    # At 700: sim 1, div 0.65 → 0.6 → (1 + 0.3)/1.5 = 0.8667.
+    assert scores[500] == pytest.approx((5 / 6 + 0.5) / 1.5)
+    assert best_step(scores) == (600, pytest.approx(1.4 / 1.5))
+
+
+def test_weights_move_the_best_step() -> None:
+    curves = rise_then_collapse()
+    # Diversity alone: flat at its best until 500, so the tie goes to the earliest step.
+    assert best_step(weighted_scores(curves, {"diversity": 1.0}, STUDY_RANGES))[0] == 0
+    # Similarity alone: the plateau starts at 600.
+    assert best_step(weighted_scores(curves, {"similarity": 1.0}, STUDY_RANGES))[0] == 600
+
+
+def test_only_steps_with_every_weighted_metric_count() -> None:
+    curves = {"similarity": {0: 0.5, 10: 0.6, 20: 0.7}, "diversity": {0: 0.6, 10: 0.6}}
+    scores = weighted_scores(curves, {"similarity": 1, "diversity": 1}, STUDY_RANGES)
+    assert sorted(scores) == [0, 10]
+
+
+def test_nothing_to_choose_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no evaluated step"):
+        best_step({})
+    with pytest.raises(ValueError, match="weight must be > 0"):
+        weighted_scores({}, {"similarity": 0.0}, STUDY_RANGES)

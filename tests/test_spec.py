@@ -1,0 +1,156 @@
+"""The sweep spec rejects bad input with a message naming the file, the field and the value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import REPO, dreamsweep, small_spec, write_spec
+from PIL import Image
+
+from launch.spec import SpecError, load_spec
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(SpecError) as raised:
+        load_spec(path)
+    assert str(path) in str(raised.value)
+    return raised.value.problems
+
+
+def test_quickstart_spec_is_valid_and_resolved() -> None:
+    spec = load_spec(REPO / "configs" / "quickstart.yaml")
+    assert spec.base_model == "tiny"
+    assert spec.subjects[0].images == REPO / "configs" / "subjects" / "robot"
+    assert spec.resolved_output_dir == REPO / "runs" / "quickstart"
+    assert spec.tracking_uri == f"sqlite:///{REPO / 'runs' / 'quickstart' / 'mlflow.db'}"
+
+
+def test_unknown_key_lists_the_allowed_keys(tmp_path: Path) -> None:
+    spec = small_spec(tmp_path, train={"resolution": 64, "learning_rat": 1})
+    [problem] = problems_of(write_spec(tmp_path, spec))
+    assert problem.startswith("train.learning_rat: unknown key; allowed keys: resolution,")
+    assert "mixed_precision" in problem
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    spec = small_spec(tmp_path, epochs=3)
+    [problem] = problems_of(write_spec(tmp_path, spec))
+    assert problem.startswith("epochs: unknown key; allowed keys: name, base_model,")
+
+
+def test_missing_image_folder(tmp_path: Path) -> None:
+    spec = small_spec(tmp_path)
+    spec["subjects"][0]["images"] = "subjects/nobody"
+    [problem] = problems_of(write_spec(tmp_path, spec))
+    assert problem == (
+        f"subjects[0].images: folder {str(tmp_path / 'subjects' / 'nobody')!r} does not exist"
+    )
+
+
+def test_empty_image_folder(tmp_path: Path) -> None:
+    (tmp_path / "subjects" / "empty").mkdir(parents=True)
+    (tmp_path / "subjects" / "empty" / ".DS_Store").write_bytes(b"\0")
+    spec = small_spec(tmp_path)
+    spec["subjects"][0]["images"] = "subjects/empty"
+    [problem] = problems_of(write_spec(tmp_path, spec))
+    assert problem.endswith("has no images")
+
+
+def test_fewer_images_than_the_largest_num_images(tmp_path: Path) -> None:
+    spec = small_spec(tmp_path, grid={"num_images": [2, 9]})
+    [problem] = problems_of(write_spec(tmp_path, spec))
+    assert "has 4 image(s) but grid.num_images asks for up to 9" in problem
+
+
+def test_unreadable_and_non_image_files_are_named(tmp_path: Path) -> None:
+    spec = small_spec(tmp_path)
+    folder = tmp_path / "subjects" / "robot"
+    (folder / "broken.png").write_bytes(b"this is not a png")
+    (folder / "notes.txt").write_text("hello")
+    problems = problems_of(write_spec(tmp_path, spec))
+    assert len(problems) == 2
+    assert any(str(folder / "broken.png") in p and "unreadable image" in p for p in problems)
+    assert any(str(folder / "notes.txt") in p and "not an image file" in p for p in problems)
+
+
+def test_truncated_image_is_unreadable(tmp_path: Path) -> None:
+    spec = small_spec(tmp_path)
+    good = tmp_path / "subjects" / "robot" / "00.png"
+    data = good.read_bytes()
+    good.write_bytes(data[: len(data) // 2])
+    [problem] = problems_of(write_spec(tmp_path, spec))
+    assert str(good) in problem and "unreadable image" in problem
+
+
+@pytest.mark.parametrize("name", ["../escape", "a b", "", ".hidden", "x" * 65])
+def test_subject_name_must_be_a_safe_path_component(tmp_path: Path, name: str) -> None:
+    spec = small_spec(tmp_path)
+    spec["subjects"][0]["name"] = name
+    [problem] = problems_of(write_spec(tmp_path, spec))
+    assert problem.startswith("subjects[0].name: must be a safe path component")
+    assert repr(name) in problem
+
+
+def test_eval_every_must_divide_max_steps(tmp_path: Path) -> None:
+    spec = small_spec(tmp_path, grid={"max_steps": 30, "eval_every": 7})
+    [problem] = problems_of(write_spec(tmp_path, spec))
+    assert problem == (
+        "grid: eval_every (7) must divide max_steps (30) so the last step is evaluated"
+    )
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    spec = small_spec(
+        tmp_path,
+        methods=["lora", "hypernetwork"],
+        train={"resolution": 60, "mixed_precision": "fp8"},
+        eval={"prompts": ["a {tok} {class}"]},
+    )
+    problems = problems_of(write_spec(tmp_path, spec))
+    fields = sorted(p.split(":")[0] for p in problems)
+    assert fields == [
+        "eval.prompts",
+        "methods[1]",
+        "train.mixed_precision",
+        "train.resolution",
+    ]
+    assert any("'hypernetwork'" in p and "'lora'" in p for p in problems)
+    assert any("{token}, {class}" in p for p in problems)
+
+
+def test_selection_weights_must_name_measured_metrics(tmp_path: Path) -> None:
+    spec = small_spec(
+        tmp_path, eval={"metrics": ["similarity"]}, selection={"weights": {"diversity": 1.0}}
+    )
+    [problem] = problems_of(write_spec(tmp_path, spec))
+    assert "selection.weights: ['diversity'] not in eval.metrics ['similarity']" in problem
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: [unclosed\n")
+    [problem] = problems_of(path)
+    assert problem.startswith("not valid YAML")
+
+
+def test_cli_validate_prints_trial_count_and_rejects_bad_specs(tmp_path: Path) -> None:
+    good = write_spec(tmp_path, small_spec(tmp_path, grid={"seed": [0, 1, 2]}))
+    result = dreamsweep("validate", str(good), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "3 trials" in result.stdout
+    assert "num_inference_steps: 3" in result.stdout  # the resolved spec, defaults included
+
+    bad = write_spec(tmp_path, small_spec(tmp_path, grid={"eval_every": 3}), "bad.yaml")
+    result = dreamsweep("validate", str(bad), cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{bad}: 1 problem in the sweep spec" in result.stderr
+    assert "eval_every (3) must divide max_steps (4)" in result.stderr
+
+
+def test_odd_but_valid_images_pass(tmp_path: Path) -> None:
+    """Grayscale and JPEG files are images too: they are converted at load time."""
+    spec = small_spec(tmp_path)
+    folder = tmp_path / "subjects" / "robot"
+    Image.open(folder / "00.png").convert("L").save(folder / "10.jpg")
+    assert load_spec(write_spec(tmp_path, spec)).subjects[0].images == folder
