@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from accelerate import PartialState
 
 
@@ -39,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     from trainers.loop import train_trial
 
     config = TrialConfig.model_validate_json(args.trial_json.read_text(encoding="utf-8"))
-    state = PartialState()
+    # The process group comes from the launcher's environment (torchrun, SLURM); across CPU
+    # processes Accelerate forms a gloo group only when asked to run on the CPU.
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    state = PartialState(cpu=distributed and not torch.cuda.is_available())
     tracking = run_id = None
     reporter: object = Reporters()
     if state.is_main_process:

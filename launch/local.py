@@ -54,11 +54,16 @@ class SweepOutcome:
 
 
 def worker_command(trial_json: Path, parent_run_id: str, processes: int) -> list[str]:
+    """The worker's command line: one process, or `processes` data-parallel ones.
+
+    Several processes start under torchrun, as `accelerate launch --multi_gpu` does; the
+    worker's Accelerator reads the rendezvous from its environment (NCCL on GPUs, gloo on CPUs).
+    """
     entry = ["-m", "cluster.trial", str(trial_json), "--parent-run-id", parent_run_id]
     if processes == 1:
         return [sys.executable, *entry]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
-    return [*launcher, "--num_processes", str(processes), *entry]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*torchrun, "--nproc_per_node", str(processes), *entry]
 
 
 def _run_worker(

@@ -52,7 +52,10 @@ def train_trial(config: TrialConfig, reporter: Reporter) -> None:
     weight_dtype = PRECISION[config.train.mixed_precision]
 
     # Base model and method: frozen weights in the low precision, trained weights in fp32.
-    model = load_base_model(config.base_model, dtype=weight_dtype)
+    # The node's main process loads first: it builds or downloads into the shared cache once
+    # (transformers writes weights from rank 0 only), and the other ranks then read the result.
+    with accelerator.local_main_process_first():
+        model = load_base_model(config.base_model, dtype=weight_dtype)
     method = METHODS[config.method](config.train)
     set_seed(config.seed)  # the method's new weights (adapter init) draw from the global RNG
     trainable = method.setup(model)

@@ -1,0 +1,95 @@
+"""A sweep logging over HTTP to the real `mlflow server` started by mlflow/server.sh."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO, dreamsweep, small_spec, write_spec
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    store = tmp_path / "store"
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    process = subprocess.Popen(
+        [str(REPO / "mlflow" / "server.sh"), str(store), str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,  # its own process group: stopped whole, workers included
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert process.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, "mlflow server did not come up"
+            time.sleep(0.5)
+        yield uri, store
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+def test_server_binds_loopback_only(server: tuple[str, Path]) -> None:
+    uri, _ = server
+    port = int(uri.rsplit(":", 1)[1])
+    listening = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    local = {line.split()[1] for line in listening if line.split()[3] == "0A"}  # LISTEN
+    assert f"0100007F:{port:04X}" in local  # 127.0.0.1
+    assert f"00000000:{port:04X}" not in local  # not 0.0.0.0
+
+
+def test_sweep_logs_over_http(tmp_path: Path, server: tuple[str, Path]) -> None:
+    uri, store = server
+    spec = small_spec(tmp_path, tracking={"uri": uri, "experiment": "http-sweep"})
+    path = write_spec(tmp_path, spec)
+    result = dreamsweep("run", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert dreamsweep("select", str(path), cwd=tmp_path).returncode == 0
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("http-sweep")
+    runs = client.search_runs([experiment.experiment_id])
+    [trial] = [r for r in runs if r.data.tags.get("dreamsweep.role") == "trial"]
+    assert sorted(m.step for m in client.get_metric_history(trial.info.run_id, "similarity")) == [
+        0,
+        2,
+        4,
+    ]
+    assert "best_step" in trial.data.metrics
+    # Artifacts went through the server into its store, not onto the client's disk.
+    stored = sorted(p.name for p in (store / "artifacts").rglob("step_*.png"))
+    assert stored == ["step_000000.png", "step_000002.png", "step_000004.png"]
+    assert not (tmp_path / "runs" / "small" / "mlartifacts").exists()
