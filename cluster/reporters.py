@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from evaluation.evaluator import Evaluation
 from launch import events
 from launch.tracking import TAG_CHECKPOINT
+from trainers.loop import Reporter
 
 
 class MlflowReporter:
@@ -85,14 +86,27 @@ class ProgressReporter:
 
 
 class Reporters:
-    """Fans each call out to several reporters, in order."""
+    """Passes each event to several reporters, in order."""
 
-    def __init__(self, *reporters: object) -> None:
+    def __init__(self, *reporters: Reporter) -> None:
         self.reporters = reporters
 
-    def __getattr__(self, name: str):
-        def fan_out(*args, **kwargs) -> None:
-            for reporter in self.reporters:
-                getattr(reporter, name)(*args, **kwargs)
+    def on_start(self, *, start_step: int, max_steps: int) -> None:
+        for reporter in self.reporters:
+            reporter.on_start(start_step=start_step, max_steps=max_steps)
 
-        return fan_out
+    def on_train_step(self, step: int, *, loss: float, lr: float) -> None:
+        for reporter in self.reporters:
+            reporter.on_train_step(step, loss=loss, lr=lr)
+
+    def on_evaluation(self, step: int, evaluation: Evaluation) -> None:
+        for reporter in self.reporters:
+            reporter.on_evaluation(step, evaluation)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        for reporter in self.reporters:
+            reporter.on_checkpoint(step, path)
+
+    def on_finish(self) -> None:
+        for reporter in self.reporters:
+            reporter.on_finish()

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     state = PartialState(cpu=distributed and not torch.cuda.is_available())
     tracking = run_id = None
-    reporter: object = Reporters()
+    reporter = Reporters()  # other ranks report nothing
     if state.is_main_process:
         tracking = SweepTracking(config.tracking_uri, config.experiment)
         run_id = tracking.trial_run(args.parent_run_id, config)

@@ -24,6 +24,3 @@ def diversity(embeddings: torch.Tensor) -> float:
     distance.fill_diagonal_(0.0)  # an image's distance to itself is not counted
     per_image = distance.sum(dim=1) / (count - 1)
     return per_image.mean().item()
-
-
-METRICS = {"similarity", "diversity"}
