@@ -43,21 +43,22 @@ def _select(spec: SweepSpec, console: Console) -> int:
         return 1
     weights = spec.selection_weights
     table = Table(title=f"Stop steps of sweep {spec.name} (weights {weights})")
-    table.add_column("trial")
+    table.add_column("trial", no_wrap=True)
     table.add_column("best step", justify="right")
     table.add_column("score", justify="right")
     for metric in weights:
         table.add_column(metric, justify="right")
-    table.add_column("checkpoint")
     for s in selections:
         table.add_row(
             s.label,
             str(s.best_step),
             f"{s.best_score:.3f}",
             *(f"{s.metrics[m]:.4f}" for m in weights),
-            s.checkpoint or "base model",
         )
     console.print(table)
+    console.print("Checkpoints at the best steps:")
+    for s in selections:
+        console.print(f"  {s.label}: {s.checkpoint or 'the base model (step 0)'}", markup=False)
     console.print(f"Curves: mlflow ui --backend-store-uri {spec.tracking_uri} --host 127.0.0.1")
     return 0
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("spec", type=Path, help="sweep spec (YAML)")
     args = parser.parse_args(argv)
-    console = Console()
+    console = Console(soft_wrap=True)  # long paths and URIs stay on one line, copy-pasteable
     try:
         spec = load_spec(args.spec)
     except SpecError as err:
