@@ -21,7 +21,7 @@ from PIL import Image
 
 from evaluation.encoders import ImageEncoder
 from evaluation.metrics import diversity, similarity
-from launch.spec import EvalSpec, SubjectSpec
+from launch.spec import EvalSpec
 
 SAMPLERS = {
     "dpm++": DPMSolverMultistepScheduler,
@@ -36,8 +36,8 @@ def make_sampler(name: str, training_scheduler_config: dict):
     return SAMPLERS[name].from_config(training_scheduler_config)
 
 
-def fill_prompt(template: str, subject: SubjectSpec) -> str:
-    return template.format(token=subject.identifier, **{"class": subject.class_token})
+def fill_prompt(template: str, *, token: str, class_token: str) -> str:
+    return template.format(token=token, **{"class": class_token})
 
 
 def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
@@ -66,14 +66,15 @@ class Evaluator:
         self,
         spec: EvalSpec,
         *,
-        subject: SubjectSpec,
+        token: str,
+        class_token: str,
         reference_images: list[Image.Image],
         resolution: int,
         device: torch.device | str = "cpu",
     ) -> None:
         self.spec = spec
         self.resolution = resolution
-        self.prompts = [fill_prompt(p, subject) for p in spec.prompts]
+        self.prompts = [fill_prompt(p, token=token, class_token=class_token) for p in spec.prompts]
         self.jobs = [  # (prompt, seed): seeds fixed per image, identical at every step
             (prompt, spec.seed + index * spec.images_per_prompt + k)
             for index, prompt in enumerate(self.prompts)

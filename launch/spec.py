@@ -29,7 +29,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PROMPT_SLOTS = ("token", "class")
 TINY = "tiny"
 
-Method = Literal["lora"]
+Method = Literal["lora", "textual_inversion"]
 Metric = Literal["similarity", "diversity"]
 
 # The portrait study's min–max ranges; scores are clipped to [0, 1] after scaling.

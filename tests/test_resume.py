@@ -49,9 +49,9 @@ class Recorder:
         pass
 
 
-def trial_in(folder: Path) -> TrialConfig:
+def trial_in(folder: Path, method: str = "lora") -> TrialConfig:
     folder.mkdir()
-    spec = small_spec(folder, grid={"max_steps": 6, "eval_every": 2})
+    spec = small_spec(folder, methods=[method], grid={"max_steps": 6, "eval_every": 2})
     [trial] = expand_grid(load_spec(write_spec(folder, spec)))
     return trial
 
@@ -62,12 +62,13 @@ def final_weights(trial: TrialConfig) -> dict[str, torch.Tensor]:
     return torch.load(folder / TRAINER_STATE, weights_only=True)["trainable"]
 
 
-def test_resumed_trial_equals_uninterrupted_trial(tmp_path: Path) -> None:
-    whole = trial_in(tmp_path / "whole")
+@pytest.mark.parametrize("method", ["lora", "textual_inversion"])
+def test_resumed_trial_equals_uninterrupted_trial(tmp_path: Path, method: str) -> None:
+    whole = trial_in(tmp_path / "whole", method)
     uninterrupted = Recorder()
     train_trial(whole, uninterrupted)
 
-    broken = trial_in(tmp_path / "broken")
+    broken = trial_in(tmp_path / "broken", method)
     first = Recorder(die_after_checkpoint=2)
     with pytest.raises(KeyboardInterrupt):
         train_trial(broken, first)

@@ -24,7 +24,7 @@ from evaluation.evaluator import Evaluation, Evaluator, make_sampler
 from launch.grid import TrialConfig
 from trainers.checkpoint import latest_checkpoint, write_checkpoint
 from trainers.data import load_rgb, load_subject_pixels
-from trainers.lora import METHODS
+from trainers.methods import make_method
 from trainers.models import load_base_model
 
 PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -56,7 +56,7 @@ def train_trial(config: TrialConfig, reporter: Reporter) -> None:
     # (transformers writes weights from rank 0 only), and the other ranks then read the result.
     with accelerator.local_main_process_first():
         model = load_base_model(config.base_model, dtype=weight_dtype)
-    method = METHODS[config.method](config.train)
+    method = make_method(config.method, config.train, config.subject)
     set_seed(config.seed)  # the method's new weights (adapter init) draw from the global RNG
     trainable = method.setup(model)
     if config.train.gradient_checkpointing:
@@ -64,20 +64,21 @@ def train_trial(config: TrialConfig, reporter: Reporter) -> None:
     for module in (model.unet, model.vae, model.text_encoder):
         module.to(device)
 
-    # Cached inputs: the VAE posterior of each image and the instance prompt's embedding are
-    # computed once; every step samples a latent from the cached posterior.
+    # Cached inputs: the VAE posterior of each image is computed once and every step samples
+    # a latent from it; the instance prompt's embedding too, unless the method trains it.
     pixels = load_subject_pixels(config.image_files, config.train.resolution)
+    instance_prompt = f"a photo of {method.subject_token} {config.subject.class_token}"
+    prompt_ids = model.tokenizer(
+        instance_prompt,
+        padding="max_length",
+        max_length=model.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
     with torch.no_grad():
         posterior = model.vae.encode(pixels.to(device, weight_dtype)).latent_dist
         latent_mean, latent_std = posterior.mean.float().cpu(), posterior.std.float().cpu()
-        prompt_ids = model.tokenizer(
-            method.instance_prompt(config.subject),
-            padding="max_length",
-            max_length=model.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        prompt_embedding = model.text_encoder(prompt_ids.to(device))[0]
+        cached_prompt_embedding = model.text_encoder(prompt_ids)[0]
     scaling = model.vae.config.scaling_factor
     scheduler = model.noise_scheduler
 
@@ -91,7 +92,15 @@ def train_trial(config: TrialConfig, reporter: Reporter) -> None:
         num_warmup_steps=config.train.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=config.max_steps * accelerator.num_processes,
     )
-    unet, optimizer, lr_scheduler = accelerator.prepare(model.unet, optimizer, lr_scheduler)
+    # Only modules with trained weights are wrapped (DDP refuses a module with none);
+    # `model.unet` / `model.text_encoder` stay the plain modules, sharing the same weights.
+    modules = {"unet": model.unet, "text_encoder": model.text_encoder}
+    trained = [n for n, m in modules.items() if any(p.requires_grad for p in m.parameters())]
+    *wrapped, optimizer, lr_scheduler = accelerator.prepare(
+        *(modules[n] for n in trained), optimizer, lr_scheduler
+    )
+    modules.update(zip(trained, wrapped, strict=True))
+    unet, text_encoder = modules["unet"], modules["text_encoder"]
     # One CPU generator draws every batch, noise and timestep: identical on all ranks and on
     # any device, and its state is checkpointed so a resumed trial draws the same numbers.
     generator = torch.Generator("cpu").manual_seed(config.seed)
@@ -101,7 +110,7 @@ def train_trial(config: TrialConfig, reporter: Reporter) -> None:
     if resumed is not None:
         start_step, folder = resumed
         state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
-        method.load_trainable_state(accelerator.unwrap_model(unet), state["trainable"])
+        method.load_trainable_state(model, state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         generator.set_state(state["generator"])
@@ -111,7 +120,8 @@ def train_trial(config: TrialConfig, reporter: Reporter) -> None:
     if accelerator.is_main_process:
         evaluator = Evaluator(
             config.eval,
-            subject=config.subject,
+            token=method.subject_token,
+            class_token=config.subject.class_token,
             reference_images=[load_rgb(p) for p in config.image_files],
             resolution=config.train.resolution,
             device=device,
@@ -124,28 +134,29 @@ def train_trial(config: TrialConfig, reporter: Reporter) -> None:
                 vae=model.vae,
                 text_encoder=model.text_encoder,
                 tokenizer=model.tokenizer,
-                unet=accelerator.unwrap_model(unet),
+                unet=model.unet,
                 scheduler=make_sampler(config.eval.scheduler, scheduler.config),
                 safety_checker=None,
                 feature_extractor=None,
                 requires_safety_checker=False,
             )
             pipeline.set_progress_bar_config(disable=True)
-            unet.eval()
+            for module in modules.values():
+                module.eval()
             with torch.no_grad(), accelerator.autocast():
                 reporter.on_evaluation(step, evaluator(pipeline))
-            unet.train()
+            for name in trained:
+                modules[name].train()
         accelerator.wait_for_everyone()
 
     def save(step: int) -> None:
         if accelerator.is_main_process:
-            plain_unet = accelerator.unwrap_model(unet)
 
             def write(folder: Path) -> None:
-                method.save_weights(plain_unet, folder)
+                method.save_weights(model, folder)
                 state = {
                     "step": step,
-                    "trainable": method.trainable_state(plain_unet),
+                    "trainable": method.trainable_state(model),
                     "optimizer": optimizer.state_dict(),
                     "lr_scheduler": lr_scheduler.state_dict(),
                     "generator": generator.get_state(),
@@ -163,7 +174,8 @@ def train_trial(config: TrialConfig, reporter: Reporter) -> None:
     rank_slice = slice(accelerator.process_index * batch, (accelerator.process_index + 1) * batch)
     global_batch = batch * accelerator.num_processes
     latent_shape = latent_mean.shape[1:]
-    unet.train()
+    for name in trained:
+        modules[name].train()
     for step in range(start_step + 1, config.max_steps + 1):
         # The global batch is drawn everywhere; each rank trains on its own slice of it.
         index = torch.randint(0, latent_mean.shape[0], (global_batch,), generator=generator)
@@ -179,6 +191,10 @@ def train_trial(config: TrialConfig, reporter: Reporter) -> None:
             target = scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
+        if method.trains_text_encoder:
+            prompt_embedding = text_encoder(prompt_ids)[0]
+        else:
+            prompt_embedding = cached_prompt_embedding
         encoder_states = prompt_embedding.expand(noisy.shape[0], -1, -1)
         prediction = unet(noisy, timesteps, encoder_states).sample
         loss = F.mse_loss(prediction.float(), target.float())
@@ -187,6 +203,7 @@ def train_trial(config: TrialConfig, reporter: Reporter) -> None:
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        method.after_optimizer_step(model)
 
         mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
         if accelerator.is_main_process:
