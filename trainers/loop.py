@@ -78,7 +78,9 @@ def train_trial(config: TrialConfig, reporter: Reporter) -> None:
     with torch.no_grad():
         posterior = model.vae.encode(pixels.to(device, weight_dtype)).latent_dist
         latent_mean, latent_std = posterior.mean.float().cpu(), posterior.std.float().cpu()
-        cached_prompt_embedding = model.text_encoder(prompt_ids)[0]
+        cached_prompt_embedding = (
+            None if method.trains_text_encoder else model.text_encoder(prompt_ids)[0]
+        )
     scaling = model.vae.config.scaling_factor
     scheduler = model.noise_scheduler
 
