@@ -82,3 +82,28 @@ def dreamsweep(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         env={**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)},
         timeout=900,
     )
+
+
+class Recorder:
+    """A reporter that keeps what it is told, and can die after a given checkpoint."""
+
+    def __init__(self, die_after_checkpoint: int | None = None) -> None:
+        self.losses: dict[int, float] = {}
+        self.metrics: dict[int, dict[str, float]] = {}
+        self.die_after_checkpoint = die_after_checkpoint
+
+    def on_start(self, *, start_step: int, max_steps: int) -> None:
+        self.start_step = start_step
+
+    def on_train_step(self, step: int, *, loss: float, lr: float) -> None:
+        self.losses[step] = loss
+
+    def on_evaluation(self, step: int, evaluation) -> None:
+        self.metrics[step] = evaluation.metrics
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        if step == self.die_after_checkpoint:
+            raise KeyboardInterrupt("killed for the test")
+
+    def on_finish(self) -> None:
+        pass

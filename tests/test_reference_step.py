@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import small_spec, write_spec
+from conftest import Recorder, small_spec, write_spec
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from test_resume import Recorder
 
 from launch.grid import expand_grid
 from launch.spec import load_spec

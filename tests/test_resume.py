@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import copy_subject, small_spec, write_spec
+from conftest import Recorder, copy_subject, small_spec, write_spec
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
@@ -22,31 +22,6 @@ from trainers.checkpoint import latest_checkpoint
 from trainers.loop import TRAINER_STATE, checkpoints_root, train_trial
 
 pytestmark = pytest.mark.slow
-
-
-class Recorder:
-    """A reporter that keeps what it is told, and can die after a given checkpoint."""
-
-    def __init__(self, die_after_checkpoint: int | None = None) -> None:
-        self.losses: dict[int, float] = {}
-        self.metrics: dict[int, dict[str, float]] = {}
-        self.die_after_checkpoint = die_after_checkpoint
-
-    def on_start(self, *, start_step: int, max_steps: int) -> None:
-        self.start_step = start_step
-
-    def on_train_step(self, step: int, *, loss: float, lr: float) -> None:
-        self.losses[step] = loss
-
-    def on_evaluation(self, step: int, evaluation) -> None:
-        self.metrics[step] = evaluation.metrics
-
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        if step == self.die_after_checkpoint:
-            raise KeyboardInterrupt("killed for the test")
-
-    def on_finish(self) -> None:
-        pass
 
 
 def trial_in(folder: Path, method: str = "lora") -> TrialConfig:

@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from diffusers import StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 
-from evaluation.evaluator import Evaluation, Evaluator, make_sampler
+from evaluation.evaluator import Evaluation, Evaluator, fill_prompt, make_sampler
 from launch.grid import TrialConfig
 from trainers.checkpoint import latest_checkpoint, write_checkpoint
 from trainers.data import load_rgb, load_subject_pixels
@@ -29,6 +29,7 @@ from trainers.models import load_base_model
 
 PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TRAINER_STATE = "trainer_state.pt"
+INSTANCE_PROMPT = "a photo of {token} {class}"  # DreamBooth's instance prompt
 
 
 class Reporter(Protocol):
@@ -67,7 +68,9 @@ def train_trial(config: TrialConfig, reporter: Reporter) -> None:
     # Cached inputs: the VAE posterior of each image is computed once and every step samples
     # a latent from it; the instance prompt's embedding too, unless the method trains it.
     pixels = load_subject_pixels(config.image_files, config.train.resolution)
-    instance_prompt = f"a photo of {method.subject_token} {config.subject.class_token}"
+    instance_prompt = fill_prompt(
+        INSTANCE_PROMPT, token=method.subject_token, class_token=config.subject.class_token
+    )
     prompt_ids = model.tokenizer(
         instance_prompt,
         padding="max_length",
