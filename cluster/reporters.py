@@ -61,6 +61,10 @@ class MlflowReporter:
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.client.set_tag(self.run_id, TAG_CHECKPOINT.format(step=step), str(path))
 
+    def on_checkpoint_removed(self, step: int) -> None:
+        """The retention policy deleted it: its tag would point at nothing."""
+        self.client.delete_tag(self.run_id, TAG_CHECKPOINT.format(step=step))
+
     def on_finish(self) -> None:
         self.flush()
         self.client.set_terminated(self.run_id, "FINISHED")
@@ -80,6 +84,9 @@ class ProgressReporter:
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         events.emit("checkpoint", step=step, path=str(path))
+
+    def on_checkpoint_removed(self, step: int) -> None:
+        pass
 
     def on_finish(self) -> None:
         events.emit("finish")
@@ -106,6 +113,10 @@ class Reporters:
     def on_checkpoint(self, step: int, path: Path) -> None:
         for reporter in self.reporters:
             reporter.on_checkpoint(step, path)
+
+    def on_checkpoint_removed(self, step: int) -> None:
+        for reporter in self.reporters:
+            reporter.on_checkpoint_removed(step)
 
     def on_finish(self) -> None:
         for reporter in self.reporters:

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
+    from cluster.accelerator import make_accelerator
     from cluster.reporters import MlflowReporter, ProgressReporter, Reporters
     from launch.grid import TrialConfig
     from launch.tracking import TAG_ERROR, SweepTracking
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         run_id = tracking.trial_run(args.parent_run_id, config)
         reporter = Reporters(MlflowReporter(tracking.client, run_id), ProgressReporter())
     try:
-        train_trial(config, reporter)
+        train_trial(config, reporter, accelerator=make_accelerator(config.train))
     except BaseException as err:
         if tracking is not None and run_id is not None:
             tracking.client.set_tag(run_id, TAG_ERROR, f"{type(err).__name__}: {err}"[:4000])

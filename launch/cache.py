@@ -1,10 +1,14 @@
-"""The on-disk cache for things dreamsweep builds once (offline tiny models).
+"""The on-disk cache for things dreamsweep builds once: offline tiny models, class images,
+cached latents and prompt embeddings.
 
-`DREAMSWEEP_CACHE` overrides the location (default `~/.cache/dreamsweep`).
+`DREAMSWEEP_CACHE` overrides the location (default `~/.cache/dreamsweep`); on a cluster, point
+it at a filesystem every node sees, so the subjects' trials share one copy.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -12,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 
 def cache_root() -> Path:
@@ -21,13 +26,22 @@ def cache_root() -> Path:
 def build_once(name: str, build: Callable[[Path], None]) -> Path:
     """Return `cache_root()/name`, calling `build(folder)` first if it is not there yet.
 
-    The build writes to a temporary folder that is renamed into place, so concurrent trials
-    never see a half-written model; if two build at once, the first rename wins.
+    The build writes to a temporary folder that is renamed into place, so no reader ever sees a
+    half-written result; a lock file makes concurrent trials wait for one build rather than
+    repeat it (class images can take minutes).
     """
     target = cache_root() / name
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not target.is_dir():
+            _build(target, build)
+    return target
+
+
+def _build(target: Path, build: Callable[[Path], None]) -> None:
+    name = target.name
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         # Builders seed torch for reproducible weights; the caller's RNG stream must not
@@ -41,4 +55,9 @@ def build_once(name: str, build: Callable[[Path], None]) -> Path:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+
+def cache_key(*parts: object) -> str:
+    """A short stable hash of what a cached result depends on."""
+    blob = json.dumps([str(p) for p in parts]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

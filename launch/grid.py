@@ -11,10 +11,20 @@ import hashlib
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
-from launch.spec import EvalSpec, Method, SubjectSpec, SweepSpec, TrainSpec, subject_image_files
+from launch.spec import (
+    METHOD_OPTIONS,
+    EvalSpec,
+    Method,
+    MethodOptions,
+    SubjectSpec,
+    SweepSpec,
+    TrainSpec,
+    subject_image_files,
+)
 
 
 class TrialConfig(BaseModel):
@@ -26,6 +36,8 @@ class TrialConfig(BaseModel):
     base_model: str
     subject: SubjectSpec
     method: Method
+    options: MethodOptions
+    """The method's options from the spec (its `learning_rate` list is not part of the trial)."""
     num_images: int
     learning_rate: float
     seed: int
@@ -42,14 +54,30 @@ class TrialConfig(BaseModel):
     tracking_uri: str
     experiment: str
 
+    @model_validator(mode="before")
+    @classmethod
+    def _options_of_the_method(cls, data: Any) -> Any:
+        """trial.json holds the options as a mapping: parse them as the named method's."""
+        if isinstance(data, dict) and isinstance(data.get("options"), dict):
+            options_type = METHOD_OPTIONS.get(data.get("method"))
+            if options_type is not None:
+                return {**data, "options": options_type.model_validate(data["options"])}
+        return data
+
     @property
     def trial_id(self) -> str:
+        # Not identity: where things are, where they are logged, and settings that do not
+        # change the trajectory (other learning rates of the list, which checkpoints are kept).
+        # Prior-preservation settings matter only to a method that uses them.
+        unused = {"checkpoints"} if self.uses_prior else {"checkpoints", "prior"}
         identity = self.model_dump(
             mode="json",
             exclude={
                 "image_files": True,
                 "output_dir": True,
                 "subject": {"images"},
+                "options": {"learning_rate"},
+                "train": unused,
                 "tracking_uri": True,
                 "experiment": True,
             },
@@ -66,8 +94,20 @@ class TrialConfig(BaseModel):
         )
 
     @property
+    def uses_prior(self) -> bool:
+        """True when the method adds the prior-preservation loss on class images."""
+        return bool(getattr(self.options, "prior_preservation", False))
+
+    @property
     def eval_steps(self) -> list[int]:
         return list(range(0, self.max_steps + 1, self.eval_every))
+
+    @property
+    def checkpoint_steps(self) -> list[int]:
+        """Every evaluated step after 0, and every `train.checkpoints.every` steps."""
+        every = self.train.checkpoints.every
+        extra = range(every, self.max_steps + 1, every) if every else []
+        return sorted({*self.eval_steps[1:], *extra})
 
 
 def _digest(files: list[Path]) -> str:
@@ -82,28 +122,30 @@ def expand_grid(spec: SweepSpec) -> list[TrialConfig]:
     trials = []
     for subject in spec.subjects:
         files = subject_image_files(subject.images)
-        for method, num_images, learning_rate, seed in itertools.product(
-            spec.methods, spec.grid.num_images, spec.grid.learning_rate, spec.grid.seed
-        ):
-            chosen = files[:num_images]
-            trial = TrialConfig(
-                sweep=spec.name,
-                base_model=spec.base_model,
-                subject=subject,
-                method=method,
-                num_images=num_images,
-                learning_rate=learning_rate,
-                seed=seed,
-                max_steps=spec.grid.max_steps,
-                eval_every=spec.grid.eval_every,
-                train=spec.train,
-                eval=spec.eval,
-                image_files=chosen,
-                image_digest=_digest(chosen),
-                output_dir=Path("."),  # placeholder until the id is known
-                tracking_uri=spec.tracking_uri,
-                experiment=spec.experiment_name,
-            )
-            out = spec.resolved_output_dir / "trials" / f"{subject.name}-{trial.trial_id}"
-            trials.append(trial.model_copy(update={"output_dir": out}))
+        for method, options in spec.methods.enabled:
+            for num_images, learning_rate, seed in itertools.product(
+                spec.grid.num_images, options.learning_rate, spec.grid.seed
+            ):
+                chosen = files[:num_images]
+                trial = TrialConfig(
+                    sweep=spec.name,
+                    base_model=spec.base_model,
+                    subject=subject,
+                    method=method,
+                    options=options,
+                    num_images=num_images,
+                    learning_rate=learning_rate,
+                    seed=seed,
+                    max_steps=spec.grid.max_steps,
+                    eval_every=spec.grid.eval_every,
+                    train=spec.train,
+                    eval=spec.eval,
+                    image_files=chosen,
+                    image_digest=_digest(chosen),
+                    output_dir=Path("."),  # placeholder until the id is known
+                    tracking_uri=spec.tracking_uri,
+                    experiment=spec.experiment_name,
+                )
+                out = spec.resolved_output_dir / "trials" / f"{subject.name}-{trial.trial_id}"
+                trials.append(trial.model_copy(update={"output_dir": out}))
     return trials

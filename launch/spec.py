@@ -27,9 +27,10 @@ from pydantic import (
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PROMPT_SLOTS = ("token", "class")
+LearningRates = Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)]
 TINY = "tiny"
 
-Method = Literal["lora", "textual_inversion"]
+Method = Literal["dreambooth", "lora", "textual_inversion"]
 Metric = Literal["similarity", "diversity"]
 
 # The portrait study's min–max ranges; scores are clipped to [0, 1] after scaling.
@@ -54,6 +55,21 @@ class SpecError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_slots(template: str, allowed: tuple[str, ...]) -> str:
+    """Raise unless `template` is a format string using only the `allowed` slots."""
+    try:
+        slots = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as err:
+        raise ValueError(f"{template!r} is not a valid template: {err}") from None
+    unknown = slots - set(allowed)
+    if unknown:
+        raise ValueError(
+            f"{template!r} uses unknown slot(s) {sorted(unknown)}; allowed: "
+            + ", ".join("{" + s + "}" for s in allowed)
+        )
+    return template
 
 
 def _resolve(path: Path, info: ValidationInfo) -> Path:
@@ -100,12 +116,10 @@ class SubjectSpec(_Strict):
 
 
 class GridSpec(_Strict):
-    """The axes every subject × method is crossed with, and the step grid of each trajectory."""
+    """The axes every subject × method × learning rate is crossed with, and the step grid."""
 
     num_images: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
     """Numbers of the subject's images to train on (the first N in name order)."""
-    learning_rate: list[Annotated[float, Field(gt=0)]] = Field(min_length=1)
-    """Learning rates to try."""
     seed: list[int] = Field(default=[0], min_length=1)
     """Training seeds to try."""
     max_steps: int = Field(ge=1)
@@ -123,19 +137,161 @@ class GridSpec(_Strict):
         return self
 
 
+class DreamBoothSpec(_Strict):
+    """Full fine-tune of the UNet, with class-specific prior preservation (DreamBooth)."""
+
+    learning_rate: LearningRates = [5e-6]
+    """Learning rates to try (diffusers' train_dreambooth.py uses 5e-6)."""
+    train_text_encoder: bool = False
+    """Also fine-tune the whole text encoder."""
+    prior_preservation: bool = True
+    """Add the class loss on generated class images (settings in `train.prior`)."""
+
+
+class LoRASpec(_Strict):
+    """Low-rank adapters on the UNet's attention (and optionally the text encoder's)."""
+
+    learning_rate: LearningRates = [1e-4]
+    """Learning rates to try (diffusers' train_dreambooth_lora.py uses 1e-4)."""
+    rank: int = Field(default=4, ge=1)
+    """Adapter rank."""
+    alpha: float | None = Field(default=None, gt=0)
+    """Adapter alpha; unset means equal to the rank (scale 1)."""
+    target_modules: list[str] = Field(default=["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    """UNet modules that get adapters (names as in diffusers' attention blocks)."""
+    train_text_encoder: bool = False
+    """Also put adapters on the text encoder's attention."""
+    text_encoder_target_modules: list[str] = Field(
+        default=["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1
+    )
+    """Text-encoder modules that get adapters when `train_text_encoder` is on."""
+    prior_preservation: bool = False
+    """Add the class loss on generated class images (settings in `train.prior`)."""
+
+
+class TextualInversionSpec(_Strict):
+    """One new token per subject; only its embedding row trains."""
+
+    learning_rate: LearningRates = [5e-4]
+    """Learning rates to try."""
+    placeholder_token: str = "<{subject}>"
+    """The new token; `{subject}` is the subject's name."""
+
+    @field_validator("placeholder_token")
+    @classmethod
+    def _subject_slot_only(cls, token: str) -> str:
+        _check_slots(token, ("subject",))
+        if not token.strip() or any(c.isspace() for c in token):
+            raise ValueError("must be one word without spaces")
+        return token
+
+
+MethodOptions = DreamBoothSpec | LoRASpec | TextualInversionSpec
+METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
+    "dreambooth": DreamBoothSpec,
+    "lora": LoRASpec,
+    "textual_inversion": TextualInversionSpec,
+}
+
+
+class MethodsSpec(_Strict):
+    """The methods to compare, each with its options. In YAML either a list of names (each with
+    its defaults), e.g. `[dreambooth, lora]`, or a mapping of name → options."""
+
+    dreambooth: DreamBoothSpec | None = None
+    lora: LoRASpec | None = None
+    textual_inversion: TextualInversionSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_or_mapping(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            repeated = sorted({m for m in value if isinstance(m, str) and value.count(m) > 1})
+            if repeated:
+                raise ValueError(f"methods are listed more than once: {repeated}")
+            unknown = [m for m in value if m not in METHOD_OPTIONS]
+            if unknown:
+                raise ValueError(
+                    f"unknown method(s) {unknown}; allowed: {', '.join(METHOD_OPTIONS)}"
+                )
+            return {name: {} for name in value}
+        if isinstance(value, dict):  # `lora:` with no options means its defaults
+            return {name: {} if options is None else options for name, options in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> MethodsSpec:
+        if not self.enabled:
+            raise ValueError(f"name at least one method; allowed: {', '.join(METHOD_OPTIONS)}")
+        return self
+
+    @property
+    def enabled(self) -> list[tuple[Method, MethodOptions]]:
+        """(name, options) of each chosen method, in a fixed order (dreambooth, lora, TI)."""
+        return [(n, o) for n in METHOD_OPTIONS if (o := getattr(self, n)) is not None]
+
+
+class PriorPreservationSpec(_Strict):
+    """Class images for prior preservation: generated once by the base model and cached on disk,
+    shared by every trial and subject of the same class (and by later sweeps)."""
+
+    class_prompt: str = "a photo of a {class}"
+    """Prompt of the class images and of the class loss; `{class}` is the subject's class token."""
+    num_class_images: int = Field(default=100, ge=1)
+    """Class images generated per class."""
+    prior_loss_weight: float = Field(default=1.0, ge=0)
+    """Loss = instance loss + this × class loss."""
+    seed: int = 0
+    """Seed of the first class image (image i uses seed + i)."""
+    num_inference_steps: int = Field(default=25, ge=1)
+    """Denoising steps per class image (DPM-Solver++)."""
+    guidance_scale: float = Field(default=7.5, ge=0)
+    """Classifier-free guidance scale of the class images."""
+    batch_size: int = Field(default=4, ge=1)
+    """Class images generated per pipeline call."""
+
+    @field_validator("class_prompt")
+    @classmethod
+    def _class_slot_only(cls, prompt: str) -> str:
+        return _check_slots(prompt, ("class",))
+
+
+class DeepSpeedSpec(_Strict):
+    """DeepSpeed ZeRO through Accelerate; the DeepSpeed config is generated from the spec."""
+
+    zero_stage: Literal[1, 2] = 2
+    """ZeRO stage. Stage 3 is not offered: evaluation generates with the whole UNet in place."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """Keep the optimizer states (and step) in CPU memory."""
+
+
+class CheckpointSpec(_Strict):
+    """When checkpoints are written and which are kept. The newest checkpoint always keeps the
+    optimizer, scheduler and RNG state to resume from; older ones keep only the weights."""
+
+    every: int | None = Field(default=None, ge=1)
+    """Also checkpoint every this many steps (for resuming); unset means only at the evaluation
+    steps, which are always checkpointed."""
+    keep_last: int | None = Field(default=None, ge=1)
+    """Keep only the newest N checkpoints (besides those `keep_eval_steps` keeps); unset: all."""
+    keep_eval_steps: bool = True
+    """Keep every checkpoint on the step grid, whatever `keep_last` says, so any evaluated step
+    can be chosen and registered. Turn off for full DreamBooth on a small disk."""
+
+
 class TrainSpec(_Strict):
     """How each trajectory trains."""
 
     resolution: int = Field(default=512, ge=8, multiple_of=8)
     """Square training resolution in pixels (images are resized and centre-cropped)."""
     batch_size: int = Field(default=1, ge=1)
-    """Images per optimizer step, per process."""
+    """Images per micro-batch, per process (with prior preservation, as many class images too)."""
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    """Micro-batches per optimizer step."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Precision of the frozen weights and forward passes; trained weights stay fp32."""
-    lora_rank: int = Field(default=4, ge=1)
-    """LoRA rank on the UNet attention projections."""
-    lora_alpha: float | None = Field(default=None, gt=0)
-    """LoRA alpha; unset means equal to the rank (scale 1)."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """`adamw8bit` is bitsandbytes' 8-bit AdamW (its states take a quarter of the memory)."""
     adam_weight_decay: float = Field(default=1e-2, ge=0)
     """AdamW weight decay."""
     max_grad_norm: float = Field(default=1.0, gt=0)
@@ -145,7 +301,22 @@ class TrainSpec(_Strict):
     lr_warmup_steps: int = Field(default=0, ge=0)
     """Warm-up steps of the learning-rate schedule."""
     gradient_checkpointing: bool = False
-    """Recompute UNet activations in the backward pass to save memory."""
+    """Recompute activations in the backward pass (UNet, and text encoder when it trains)."""
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    """Attention kernels: PyTorch's scaled-dot-product attention, or xformers (must be
+    installed)."""
+    cache_latents: bool = True
+    """Encode each image with the VAE once (cached on disk, shared by the subject's trials),
+    then keep the VAE off the accelerator except during evaluation."""
+    cache_text_embeddings: bool = True
+    """Encode the training prompts once when the text encoder is frozen, then keep it off the
+    accelerator except during evaluation."""
+    deepspeed: DeepSpeedSpec | None = None
+    """DeepSpeed ZeRO (GPUs only); unset means plain data parallelism."""
+    prior: PriorPreservationSpec = PriorPreservationSpec()
+    """Class images and weight of the prior-preservation loss, for methods that turn it on."""
+    checkpoints: CheckpointSpec = CheckpointSpec()
+    """When checkpoints are written and which are kept."""
 
 
 class EvalSpec(_Strict):
@@ -182,16 +353,7 @@ class EvalSpec(_Strict):
     @classmethod
     def _known_slots(cls, prompts: list[str]) -> list[str]:
         for prompt in prompts:
-            try:
-                slots = {f for _, f, _, _ in string.Formatter().parse(prompt) if f is not None}
-            except ValueError as err:
-                raise ValueError(f"prompt {prompt!r} is not a valid template: {err}") from None
-            unknown = slots - set(PROMPT_SLOTS)
-            if unknown:
-                raise ValueError(
-                    f"prompt {prompt!r} uses unknown slot(s) {sorted(unknown)}; allowed: "
-                    + ", ".join("{" + s + "}" for s in PROMPT_SLOTS)
-                )
+            _check_slots(prompt, PROMPT_SLOTS)
         return prompts
 
     @model_validator(mode="after")
@@ -250,7 +412,8 @@ class SweepSpec(_Strict):
     """Where checkpoints, logs and the default MLflow store go; unset means `runs/<name>` beside
     the spec file."""
     subjects: list[SubjectSpec] = Field(min_length=1)
-    methods: list[Method] = Field(default=["lora"], min_length=1)
+    methods: MethodsSpec = MethodsSpec(lora=LoRASpec())
+    """The methods to compare: a list of names, or a mapping of name → options."""
     grid: GridSpec
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
@@ -311,6 +474,19 @@ class SweepSpec(_Strict):
                 )
             if not any(self.selection.weights.values()):
                 problems.append("selection.weights: at least one weight must be > 0")
+        if self.train.optimizer == "adamw8bit" and self.train.deepspeed is not None:
+            problems.append(
+                "train.optimizer: 'adamw8bit' cannot be combined with train.deepspeed (DeepSpeed "
+                "runs its own optimizer); use optimizer: adamw with deepspeed, or drop deepspeed"
+            )
+        if self.train.deepspeed is not None:
+            # Accelerate drives one DeepSpeed engine per trial: one trained module.
+            both = [n for n, o in self.methods.enabled if getattr(o, "train_text_encoder", False)]
+            if both:
+                problems.append(
+                    f"train.deepspeed: methods {both} train the UNet and the text encoder, and "
+                    "DeepSpeed trains one model per trial; set train_text_encoder: false"
+                )
         missing_ranges = sorted(set(self.eval.metrics) - set(self.selection.ranges))
         if missing_ranges:
             problems.append(f"selection.ranges: no range for measured metric(s) {missing_ranges}")
@@ -404,12 +580,22 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | N
     return None
 
 
+# Keys of earlier releases, and where they live now.
+MOVED_KEYS = {
+    "grid.learning_rate": "methods.<method>.learning_rate",
+    "train.lora_rank": "methods.lora.rank",
+    "train.lora_alpha": "methods.lora.alpha",
+}
+
+
 def _describe(error: dict[str, Any]) -> str:
     loc = error["loc"]
     field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(SweepSpec, loc[:-1]) or []
-        return f"{field or '<top>'}: unknown key; allowed keys: {', '.join(allowed)}"
+        moved = MOVED_KEYS.get(field)
+        hint = f" (it moved to {moved})" if moved else ""
+        return f"{field or '<top>'}: unknown key{hint}; allowed keys: {', '.join(allowed)}"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "missing":
         return f"{field}: required field is missing"

@@ -42,15 +42,9 @@ def small_spec(tmp_path: Path, **overrides: object) -> dict:
         "name": "small",
         "base_model": "tiny",
         "subjects": [{"name": "robot", "images": "subjects/robot", "class_token": "toy"}],
-        "methods": ["lora"],
-        "grid": {
-            "num_images": [2],
-            "learning_rate": [1e-3],
-            "seed": [0],
-            "max_steps": 4,
-            "eval_every": 2,
-        },
-        "train": {"resolution": 64, "lora_rank": 4},
+        "methods": {"lora": {"learning_rate": [1e-3]}},
+        "grid": {"num_images": [2], "seed": [0], "max_steps": 4, "eval_every": 2},
+        "train": {"resolution": 64, "prior": {"num_class_images": 3, "num_inference_steps": 2}},
         "eval": {
             "prompts": ["a photo of {token} {class}"],
             "images_per_prompt": 2,
@@ -58,8 +52,8 @@ def small_spec(tmp_path: Path, **overrides: object) -> dict:
             "image_encoder": "tiny",
         },
     }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+    for key, value in overrides.items():  # sections are merged; `methods` is replaced
+        if isinstance(value, dict) and isinstance(spec.get(key), dict) and key != "methods":
             spec[key] = {**spec[key], **value}
         else:
             spec[key] = value
@@ -84,12 +78,29 @@ def dreamsweep(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def run_trial(trial, reporter) -> None:
+    """Train a trial in this process under the Accelerator its worker would make.
+
+    Accelerate keeps one process-wide state; tests train trials with different precisions and
+    accumulation in one process, so it is reset first (a worker process trains one trial).
+    """
+    from accelerate.state import AcceleratorState
+
+    from cluster.accelerator import make_accelerator
+    from trainers.loop import train_trial
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train_trial(trial, reporter, accelerator=make_accelerator(trial.train))
+
+
 class Recorder:
     """A reporter that keeps what it is told, and can die after a given checkpoint."""
 
     def __init__(self, die_after_checkpoint: int | None = None) -> None:
         self.losses: dict[int, float] = {}
         self.metrics: dict[int, dict[str, float]] = {}
+        self.checkpoints: list[int] = []
+        self.removed: list[int] = []
         self.die_after_checkpoint = die_after_checkpoint
 
     def on_start(self, *, start_step: int, max_steps: int) -> None:
@@ -102,8 +113,12 @@ class Recorder:
         self.metrics[step] = evaluation.metrics
 
     def on_checkpoint(self, step: int, path: Path) -> None:
+        self.checkpoints.append(step)
         if step == self.die_after_checkpoint:
             raise KeyboardInterrupt("killed for the test")
+
+    def on_checkpoint_removed(self, step: int) -> None:
+        self.removed.append(step)
 
     def on_finish(self) -> None:
         pass

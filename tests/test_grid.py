@@ -1,4 +1,5 @@
-"""Grid expansion: one trial per (subject, method, num_images, learning_rate, seed), stable ids."""
+"""Grid expansion: one trial per (subject, method, num_images, the method's learning rates, seed),
+stable ids."""
 
 from __future__ import annotations
 
@@ -13,18 +14,45 @@ from launch.spec import load_spec
 
 def test_grid_is_the_cross_product_in_a_stable_order(tmp_path: Path) -> None:
     copy_subject("mug", tmp_path / "subjects" / "mug")
-    spec = small_spec(tmp_path, grid={"num_images": [2, 4], "learning_rate": [1e-4, 1e-3]})
+    spec = small_spec(
+        tmp_path,
+        methods={"lora": {"learning_rate": [1e-4, 1e-3]}, "dreambooth": None},
+        grid={"num_images": [2, 4]},
+    )
     spec["subjects"].append({"name": "mug", "images": "subjects/mug", "class_token": "cup"})
     trials = expand_grid(load_spec(write_spec(tmp_path, spec)))
+    # Each method crosses its own learning rates (dreambooth's default: 5e-6).
     assert [t.label for t in trials] == [
-        f"{subject}/lora/n={n}/lr={lr}/seed=0"
+        f"{subject}/{method}/n={n}/lr={lr}/seed=0"
         for subject in ("robot", "mug")
+        for method, rates in (("dreambooth", ("5e-06",)), ("lora", ("0.0001", "0.001")))
         for n in (2, 4)
-        for lr in ("0.0001", "0.001")
+        for lr in rates
     ]
-    assert len({t.trial_id for t in trials}) == 8
+    assert len({t.trial_id for t in trials}) == 12
     assert trials[0].eval_steps == [0, 2, 4]
-    assert [p.name for p in trials[2].image_files] == ["00.png", "01.png", "02.png", "03.png"]
+    assert trials[0].checkpoint_steps == [2, 4]
+    assert [p.name for p in trials[1].image_files] == ["00.png", "01.png", "02.png", "03.png"]
+
+
+def test_growing_a_list_keeps_the_finished_trials(tmp_path: Path) -> None:
+    """Adding a learning rate, changing what is kept, or changing prior settings that a method
+    does not use must not orphan the trials already run."""
+    base = small_spec(tmp_path, methods={"lora": {"learning_rate": [1e-3]}})
+    [trial] = expand_grid(load_spec(write_spec(tmp_path, base)))
+    grown = small_spec(
+        tmp_path,
+        methods={"lora": {"learning_rate": [1e-3, 1e-2]}},
+        train={"prior": {"num_class_images": 7}, "checkpoints": {"keep_last": 1}},
+    )
+    ids = [t.trial_id for t in expand_grid(load_spec(write_spec(tmp_path, grown)))]
+    assert ids[0] == trial.trial_id and len(set(ids)) == 2
+    # With prior preservation on, the prior settings are part of the trial.
+    with_prior = {"lora": {"learning_rate": [1e-3], "prior_preservation": True}}
+    first = expand_grid(load_spec(write_spec(tmp_path, small_spec(tmp_path, methods=with_prior))))
+    changed = small_spec(tmp_path, methods=with_prior, train={"prior": {"num_class_images": 7}})
+    second = expand_grid(load_spec(write_spec(tmp_path, changed)))
+    assert first[0].trial_id != second[0].trial_id
 
 
 def test_trial_ids_follow_content_not_location(tmp_path: Path) -> None:
@@ -45,7 +73,11 @@ def test_trial_ids_follow_content_not_location(tmp_path: Path) -> None:
 
 
 def test_trial_config_round_trips_through_json(tmp_path: Path) -> None:
-    [trial] = expand_grid(load_spec(write_spec(tmp_path, small_spec(tmp_path))))
-    again = type(trial).model_validate_json(trial.model_dump_json())
-    assert again == trial and again.trial_id == trial.trial_id
+    methods = ["dreambooth", "lora", "textual_inversion"]
+    trials = expand_grid(load_spec(write_spec(tmp_path, small_spec(tmp_path, methods=methods))))
+    for trial in trials:
+        again = type(trial).model_validate_json(trial.model_dump_json())
+        assert again == trial and again.trial_id == trial.trial_id
+        assert type(again.options) is type(trial.options)
+    trial = trials[0]
     assert trial.output_dir == tmp_path / "runs" / "small" / "trials" / f"robot-{trial.trial_id}"

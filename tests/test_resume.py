@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Recorder, copy_subject, small_spec, write_spec
+from conftest import Recorder, copy_subject, run_trial, small_spec, write_spec
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
@@ -19,14 +19,19 @@ from launch.grid import TrialConfig, expand_grid
 from launch.local import run_local
 from launch.spec import load_spec
 from trainers.checkpoint import latest_checkpoint
-from trainers.loop import TRAINER_STATE, checkpoints_root, train_trial
+from trainers.loop import TRAINER_STATE, checkpoints_root
 
 pytestmark = pytest.mark.slow
 
 
-def trial_in(folder: Path, method: str = "lora") -> TrialConfig:
+def trial_in(folder: Path, method: str, train: dict) -> TrialConfig:
     folder.mkdir()
-    spec = small_spec(folder, methods=[method], grid={"max_steps": 6, "eval_every": 2})
+    spec = small_spec(
+        folder,
+        methods={method: {"learning_rate": [1e-3]}},
+        grid={"max_steps": 6, "eval_every": 2},
+        train=train,
+    )
     [trial] = expand_grid(load_spec(write_spec(folder, spec)))
     return trial
 
@@ -37,19 +42,27 @@ def final_weights(trial: TrialConfig) -> dict[str, torch.Tensor]:
     return torch.load(folder / TRAINER_STATE, weights_only=True)["trainable"]
 
 
-@pytest.mark.parametrize("method", ["lora", "textual_inversion"])
-def test_resumed_trial_equals_uninterrupted_trial(tmp_path: Path, method: str) -> None:
-    whole = trial_in(tmp_path / "whole", method)
+@pytest.mark.parametrize(
+    ("method", "train"),
+    [
+        ("lora", {}),
+        ("textual_inversion", {}),
+        # Full UNet with prior preservation, 8-bit AdamW states and 2 micro-batches per step.
+        ("dreambooth", {"optimizer": "adamw8bit", "gradient_accumulation_steps": 2}),
+    ],
+)
+def test_resumed_trial_equals_uninterrupted_trial(tmp_path: Path, method: str, train: dict) -> None:
+    whole = trial_in(tmp_path / "whole", method, train)
     uninterrupted = Recorder()
-    train_trial(whole, uninterrupted)
+    run_trial(whole, uninterrupted)
 
-    broken = trial_in(tmp_path / "broken", method)
+    broken = trial_in(tmp_path / "broken", method, train)
     first = Recorder(die_after_checkpoint=2)
     with pytest.raises(KeyboardInterrupt):
-        train_trial(broken, first)
+        run_trial(broken, first)
     assert latest_checkpoint(checkpoints_root(broken))[0] == 2
     second = Recorder()
-    train_trial(broken, second)
+    run_trial(broken, second)
 
     assert second.start_step == 2
     assert sorted(second.losses) == [3, 4, 5, 6]

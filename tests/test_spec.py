@@ -111,11 +111,14 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     fields = sorted(p.split(":")[0] for p in problems)
     assert fields == [
         "eval.prompts",
-        "methods[1]",
+        "methods",
         "train.mixed_precision",
         "train.resolution",
     ]
-    assert any("'hypernetwork'" in p and "'lora'" in p for p in problems)
+    assert any(
+        "unknown method(s) ['hypernetwork']; allowed: dreambooth, lora, textual_inversion" in p
+        for p in problems
+    )
     assert any("{token}, {class}" in p for p in problems)
 
 
@@ -154,3 +157,51 @@ def test_odd_but_valid_images_pass(tmp_path: Path) -> None:
     folder = tmp_path / "subjects" / "robot"
     Image.open(folder / "00.png").convert("L").save(folder / "10.jpg")
     assert load_spec(write_spec(tmp_path, spec)).subjects[0].images == folder
+
+
+def test_method_options_are_checked_with_the_allowed_keys(tmp_path: Path) -> None:
+    spec = small_spec(
+        tmp_path,
+        methods={
+            "lora": {"rank": 0, "learning_rate": []},
+            "textual_inversion": {"placeholder_token": "<{name}>"},
+            "dreambooth": {"prior": True},
+        },
+    )
+    problems = problems_of(write_spec(tmp_path, spec))
+    assert sorted(p.split(":")[0] for p in problems) == [
+        "methods.dreambooth.prior",
+        "methods.lora.learning_rate",
+        "methods.lora.rank",
+        "methods.textual_inversion.placeholder_token",
+    ]
+    assert any(
+        "allowed keys: learning_rate, train_text_encoder, prior_preservation" in p for p in problems
+    )
+    assert any("unknown slot(s) ['name']; allowed: {subject}" in p for p in problems)
+
+
+def test_keys_of_the_earlier_layout_say_where_they_moved(tmp_path: Path) -> None:
+    spec = small_spec(tmp_path, grid={"learning_rate": [1e-4]}, train={"lora_rank": 8})
+    problems = problems_of(write_spec(tmp_path, spec))
+    assert any(
+        p.startswith("grid.learning_rate: unknown key (it moved to methods.<method>.learning_rate)")
+        for p in problems
+    )
+    assert any(
+        p.startswith("train.lora_rank: unknown key (it moved to methods.lora.rank)")
+        for p in problems
+    )
+
+
+def test_8bit_adam_and_deepspeed_are_refused_together(tmp_path: Path) -> None:
+    spec = small_spec(tmp_path, train={"optimizer": "adamw8bit", "deepspeed": {"zero_stage": 2}})
+    [problem] = problems_of(write_spec(tmp_path, spec))
+    assert "train.optimizer: 'adamw8bit' cannot be combined with train.deepspeed" in problem
+    # Each on its own is fine; ZeRO-3 is not offered.
+    for train in ({"optimizer": "adamw8bit"}, {"deepspeed": {"offload_optimizer": "cpu"}}):
+        assert load_spec(write_spec(tmp_path, small_spec(tmp_path, train=train)))
+    [problem] = problems_of(
+        write_spec(tmp_path, small_spec(tmp_path, train={"deepspeed": {"zero_stage": 3}}))
+    )
+    assert problem.startswith("train.deepspeed.zero_stage: Input should be 1 or 2")

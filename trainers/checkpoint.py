@@ -37,9 +37,12 @@ def write_checkpoint(root: Path, step: int, write: Callable[[Path], None]) -> Pa
     staging.mkdir()
     try:
         write(staging)
-        for path in staging.iterdir():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
+        for path in sorted(staging.rglob("*")):
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+            else:
+                _fsync_dir(path)
         (staging / COMPLETE).write_text(f"{step}\n")
         _fsync_dir(staging)
         if final.exists():  # a re-run of the same step (after a kill): replace it whole
@@ -54,11 +57,43 @@ def write_checkpoint(root: Path, step: int, write: Callable[[Path], None]) -> Pa
 
 def latest_checkpoint(root: Path) -> tuple[int, Path] | None:
     """(step, folder) of the newest COMPLETE checkpoint, or None."""
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every COMPLETE checkpoint, oldest first."""
     if not root.is_dir():
-        return None
+        return []
     found = []
     for path in root.iterdir():
         match = _STEP_DIR.match(path.name)
         if match and (path / COMPLETE).is_file():
             found.append((int(match.group(1)), path))
-    return max(found) if found else None
+    return sorted(found)
+
+
+def steps_to_remove(steps: list[int], *, keep_last: int | None, protected: set[int]) -> list[int]:
+    """The retention policy: all but the newest `keep_last` steps, minus the `protected` ones.
+
+    `keep_last=None` keeps everything. The newest step is never removed.
+    """
+    if keep_last is None:
+        return []
+    newest = set(sorted(steps)[-keep_last:])
+    return [step for step in sorted(steps) if step not in newest and step not in protected]
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Rename away first, so a kill mid-delete never leaves a partial `step_*` folder."""
+    doomed = folder.with_name(f".removing-{folder.name}")
+    os.rename(folder, doomed)
+    shutil.rmtree(doomed)
+
+
+def clean_leftovers(root: Path) -> None:
+    """Delete what killed saves and deletes left behind (`.tmp-*`, `.removing-*`)."""
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith((".tmp-", ".removing-")):
+                shutil.rmtree(path, ignore_errors=True)

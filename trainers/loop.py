@@ -1,15 +1,18 @@
 """The one training loop every method plugs into. Reads top to bottom:
 
-load base model → method picks trainable weights → cache latents and text embeddings → optimizer
-→ resume from the newest complete checkpoint → evaluate step 0 → train, evaluating and
-checkpointing every `eval_every` steps → finish.
+load base model (and class images) → method picks trainable weights → memory features → cached
+inputs → optimizer → resume from the newest complete checkpoint → evaluate step 0 → train,
+evaluating and checkpointing on the step grid → finish.
 
 A method only says which parameters train, how its prompt reads and how its weights are saved.
-The loop knows nothing of MLflow, SLURM or Ray: it reports through a `Reporter`.
+The loop knows nothing of MLflow, SLURM or Ray: it reports through a `Reporter`, and runs under
+the `Accelerator` its caller made (`cluster.accelerator.make_accelerator`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -17,15 +20,30 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 
 from evaluation.evaluator import Evaluation, Evaluator, fill_prompt, make_sampler
 from launch.grid import TrialConfig
-from trainers.checkpoint import latest_checkpoint, write_checkpoint
-from trainers.data import load_rgb, load_subject_pixels
+from trainers.caching import (
+    ImageSet,
+    cached_prompt_embeddings,
+    latent_shape,
+    load_images,
+    tokenize,
+)
+from trainers.checkpoint import (
+    clean_leftovers,
+    complete_checkpoints,
+    latest_checkpoint,
+    remove_checkpoint,
+    steps_to_remove,
+    write_checkpoint,
+)
+from trainers.data import load_rgb
+from trainers.memory import enable_gradient_checkpointing, make_optimizer, set_attention
 from trainers.methods import make_method
-from trainers.models import load_base_model
+from trainers.models import BaseModel, assemble_pipeline, load_base_model
+from trainers.prior import class_images, class_prompt
 
 PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TRAINER_STATE = "trainer_state.pt"
@@ -39,6 +57,7 @@ class Reporter(Protocol):
     def on_train_step(self, step: int, *, loss: float, lr: float) -> None: ...
     def on_evaluation(self, step: int, evaluation: Evaluation) -> None: ...
     def on_checkpoint(self, step: int, path: Path) -> None: ...
+    def on_checkpoint_removed(self, step: int) -> None: ...
     def on_finish(self) -> None: ...
 
 
@@ -46,55 +65,106 @@ def checkpoints_root(config: TrialConfig) -> Path:
     return config.output_dir / "checkpoints"
 
 
-def train_trial(config: TrialConfig, reporter: Reporter) -> None:
-    """Train one trajectory to `max_steps`, evaluating and checkpointing on the step grid."""
-    accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
-    device = accelerator.device
-    weight_dtype = PRECISION[config.train.mixed_precision]
+@contextmanager
+def on_device(modules: list[torch.nn.Module], device: torch.device) -> Iterator[None]:
+    """Bring offloaded modules to `device` for a while (evaluation), then send them back."""
+    previous = [next(m.parameters()).device for m in modules]
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, where in zip(modules, previous, strict=True):
+            module.to(where)
 
-    # Base model and method: frozen weights in the low precision, trained weights in fp32.
-    # The node's main process loads first: it builds or downloads into the shared cache once
-    # (transformers writes weights from rank 0 only), and the other ranks then read the result.
+
+def trained_parameters(model: BaseModel) -> dict[str, torch.nn.Parameter]:
+    """Every parameter that trains, by a stable name: what a checkpoint must restore."""
+    named = {}
+    for prefix, module in (("unet", model.unet), ("text_encoder", model.text_encoder)):
+        for name, parameter in module.named_parameters():
+            if parameter.requires_grad:
+                named[f"{prefix}.{name}"] = parameter
+    return named
+
+
+def train_trial(config: TrialConfig, reporter: Reporter, *, accelerator: Accelerator) -> None:
+    """Train one trajectory to `max_steps`, evaluating and checkpointing on the step grid."""
+    train = config.train
+    device = accelerator.device
+    frozen_dtype = PRECISION[train.mixed_precision]
+
+    # Base model, and the class images prior preservation needs. The node's main process goes
+    # first: it builds or downloads into the shared caches once, the other ranks then read.
     with accelerator.local_main_process_first():
-        model = load_base_model(config.base_model, dtype=weight_dtype)
-    method = make_method(config.method, config.train, config.subject)
+        model = load_base_model(config.base_model)
+        class_files = []
+        if config.uses_prior:
+            class_files = class_images(
+                model,
+                train.prior,
+                class_token=config.subject.class_token,
+                resolution=train.resolution,
+                device=device,
+            )
+
+    # The method freezes the base (in the low precision) and adds what trains (in fp32).
+    method = make_method(config.method, config.options, config.subject)
     set_seed(config.seed)  # the method's new weights (adapter init) draw from the global RNG
-    trainable = method.setup(model)
-    if config.train.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
+    trainable = method.setup(model, frozen_dtype=frozen_dtype)
+    set_attention(model.unet, train.attention)
+    if train.gradient_checkpointing:
+        enable_gradient_checkpointing(
+            model.unet, model.text_encoder, text_encoder_trains=method.trains_text_encoder
+        )
     for module in (model.unet, model.vae, model.text_encoder):
         module.to(device)
 
-    # Cached inputs: the VAE posterior of each image is computed once and every step samples
-    # a latent from it; the instance prompt's embedding too, unless the method trains it.
-    pixels = load_subject_pixels(config.image_files, config.train.resolution)
-    instance_prompt = fill_prompt(
-        INSTANCE_PROMPT, token=method.subject_token, class_token=config.subject.class_token
-    )
-    prompt_ids = model.tokenizer(
-        instance_prompt,
-        padding="max_length",
-        max_length=model.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)
-    with torch.no_grad():
-        posterior = model.vae.encode(pixels.to(device, weight_dtype)).latent_dist
-        latent_mean, latent_std = posterior.mean.float().cpu(), posterior.std.float().cpu()
-        cached_prompt_embedding = (
-            None if method.trains_text_encoder else model.text_encoder(prompt_ids)[0]
+    # Inputs computed once: VAE posteriors and frozen-text-encoder prompt embeddings, from the
+    # disk cache. Whatever is cached no longer needs its encoder on the accelerator.
+    with accelerator.local_main_process_first():
+        instance_images = load_images(
+            model,
+            config.image_files,
+            resolution=train.resolution,
+            cache=train.cache_latents,
+            device=device,
         )
-    scaling = model.vae.config.scaling_factor
-    scheduler = model.noise_scheduler
+        class_set: ImageSet | None = None
+        if config.uses_prior:
+            class_set = load_images(
+                model,
+                class_files,
+                resolution=train.resolution,
+                cache=train.cache_latents,
+                device=device,
+            )
+        prompts = [
+            fill_prompt(
+                INSTANCE_PROMPT, token=method.subject_token, class_token=config.subject.class_token
+            )
+        ]
+        if config.uses_prior:
+            prompts.append(class_prompt(train.prior, config.subject.class_token))
+        prompt_ids = tokenize(model, prompts).to(device)
+        cached_embeddings = None
+        if train.cache_text_embeddings and not method.trains_text_encoder:
+            cached_embeddings = cached_prompt_embeddings(model, prompts, device)
+    offloaded = []
+    if train.cache_latents:
+        offloaded.append(model.vae)
+    if cached_embeddings is not None:
+        offloaded.append(model.text_encoder)
+    for module in offloaded:
+        module.to("cpu")
 
-    optimizer = torch.optim.AdamW(
-        trainable, lr=config.learning_rate, weight_decay=config.train.adam_weight_decay
-    )
-    # Accelerate steps a prepared scheduler once per process: scale its horizon to match.
+    # Optimizer and schedule. Accelerate steps a prepared scheduler once per process (and only
+    # on optimizer steps): scale its horizon to match.
+    optimizer = make_optimizer(train, trainable, config.learning_rate)
     lr_scheduler = get_scheduler(
-        config.train.lr_scheduler,
+        train.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=config.train.lr_warmup_steps * accelerator.num_processes,
+        num_warmup_steps=train.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=config.max_steps * accelerator.num_processes,
     )
     # Only modules with trained weights are wrapped (DDP refuses a module with none);
@@ -110,12 +180,20 @@ def train_trial(config: TrialConfig, reporter: Reporter) -> None:
     # any device, and its state is checkpointed so a resumed trial draws the same numbers.
     generator = torch.Generator("cpu").manual_seed(config.seed)
 
+    # Resume from the newest COMPLETE checkpoint: weights, optimizer, schedule, RNG.
+    root = checkpoints_root(config)
+    named_trainable = trained_parameters(model)
     start_step = 0
-    resumed = latest_checkpoint(checkpoints_root(config))
+    if accelerator.is_main_process:
+        clean_leftovers(root)
+    accelerator.wait_for_everyone()
+    resumed = latest_checkpoint(root)
     if resumed is not None:
         start_step, folder = resumed
         state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
-        method.load_trainable_state(model, state["trainable"])
+        with torch.no_grad():
+            for name, parameter in named_trainable.items():
+                parameter.copy_(state["trainable"][name])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         generator.set_state(state["generator"])
@@ -128,27 +206,19 @@ def train_trial(config: TrialConfig, reporter: Reporter) -> None:
             token=method.subject_token,
             class_token=config.subject.class_token,
             reference_images=[load_rgb(p) for p in config.image_files],
-            resolution=config.train.resolution,
+            resolution=train.resolution,
             device=device,
         )
         reporter.on_start(start_step=start_step, max_steps=config.max_steps)
 
     def evaluate(step: int) -> None:
         if evaluator is not None:
-            pipeline = StableDiffusionPipeline(
-                vae=model.vae,
-                text_encoder=model.text_encoder,
-                tokenizer=model.tokenizer,
-                unet=model.unet,
-                scheduler=make_sampler(config.eval.scheduler, scheduler.config),
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
+            pipeline = assemble_pipeline(
+                model, make_sampler(config.eval.scheduler, model.noise_scheduler.config)
             )
-            pipeline.set_progress_bar_config(disable=True)
             for module in modules.values():
                 module.eval()
-            with torch.no_grad(), accelerator.autocast():
+            with on_device(offloaded, device), torch.no_grad(), accelerator.autocast():
                 reporter.on_evaluation(step, evaluator(pipeline))
             for name in trained:
                 modules[name].train()
@@ -161,7 +231,7 @@ def train_trial(config: TrialConfig, reporter: Reporter) -> None:
                 method.save_weights(model, folder)
                 state = {
                     "step": step,
-                    "trainable": method.trainable_state(model),
+                    "trainable": {k: p.detach().cpu().clone() for k, p in named_trainable.items()},
                     "optimizer": optimizer.state_dict(),
                     "lr_scheduler": lr_scheduler.state_dict(),
                     "generator": generator.get_state(),
@@ -169,52 +239,102 @@ def train_trial(config: TrialConfig, reporter: Reporter) -> None:
                 }
                 torch.save(state, folder / TRAINER_STATE)
 
-            reporter.on_checkpoint(step, write_checkpoint(checkpoints_root(config), step, write))
+            reporter.on_checkpoint(step, write_checkpoint(root, step, write))
+            retain(step)
         accelerator.wait_for_everyone()
+
+    def retain(newest: int) -> None:
+        """Apply the retention policy; only the newest checkpoint keeps the resume state."""
+        policy = train.checkpoints
+        existing = complete_checkpoints(root)
+        protected = set(config.eval_steps) if policy.keep_eval_steps else set()
+        doomed = set(
+            steps_to_remove(
+                [s for s, _ in existing], keep_last=policy.keep_last, protected=protected
+            )
+        )
+        for step, folder in existing:
+            if step in doomed:
+                remove_checkpoint(folder)
+                reporter.on_checkpoint_removed(step)
+            elif step != newest:
+                (folder / TRAINER_STATE).unlink(missing_ok=True)
 
     if start_step == 0:
         evaluate(0)  # the base model's value: the baseline each curve starts from
 
-    batch = config.train.batch_size
-    rank_slice = slice(accelerator.process_index * batch, (accelerator.process_index + 1) * batch)
-    global_batch = batch * accelerator.num_processes
-    latent_shape = latent_mean.shape[1:]
+    # Each optimizer step draws its whole effective batch (micro-batches × processes × batch)
+    # at once, so gradient accumulation and data parallelism see the same examples as one big
+    # batch would; micro-batch m of rank r trains on rows [(m·P + r)·b, (m·P + r + 1)·b).
+    batch, processes = train.batch_size, accelerator.num_processes
+    micro_batches = train.gradient_accumulation_steps
+    effective = batch * processes * micro_batches
+    shape = latent_shape(model, train.resolution)
+    prior_weight = train.prior.prior_loss_weight
+    checkpoint_steps = set(config.checkpoint_steps)
     for name in trained:
         modules[name].train()
     for step in range(start_step + 1, config.max_steps + 1):
-        # The global batch is drawn everywhere; each rank trains on its own slice of it.
-        index = torch.randint(0, latent_mean.shape[0], (global_batch,), generator=generator)
-        sample_noise = torch.randn((global_batch, *latent_shape), generator=generator)
-        noise = torch.randn((global_batch, *latent_shape), generator=generator)
+        index = torch.randint(0, len(instance_images), (effective,), generator=generator)
+        rows = effective
+        if class_set is not None:
+            class_index = torch.randint(0, len(class_set), (effective,), generator=generator)
+            rows = 2 * effective  # instance rows, then class rows
+        sample_noise = torch.randn((rows, *shape), generator=generator)
+        noise = torch.randn((rows, *shape), generator=generator)
         timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (global_batch,), generator=generator
+            0, model.noise_scheduler.config.num_train_timesteps, (rows,), generator=generator
         )
-        latents = (latent_mean[index] + latent_std[index] * sample_noise) * scaling
-        latents, noise, timesteps = (t[rank_slice].to(device) for t in (latents, noise, timesteps))
-        noisy = scheduler.add_noise(latents, noise, timesteps).to(weight_dtype)
-        if scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        if method.trains_text_encoder:
-            prompt_embedding = text_encoder(prompt_ids)[0]
-        else:
-            prompt_embedding = cached_prompt_embedding
-        encoder_states = prompt_embedding.expand(noisy.shape[0], -1, -1)
-        prediction = unet(noisy, timesteps, encoder_states).sample
-        loss = F.mse_loss(prediction.float(), target.float())
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(trainable, config.train.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        losses = []
+        for micro in range(micro_batches):
+            start = (micro * processes + accelerator.process_index) * batch
+            mine = torch.arange(start, start + batch)
+            latents = instance_images.latents(model, index[mine], sample_noise[mine], device)
+            if class_set is not None:
+                theirs = mine + effective
+                class_latents = class_set.latents(
+                    model, class_index[mine], sample_noise[theirs], device
+                )
+                latents = torch.cat([latents, class_latents])
+                mine = torch.cat([mine, theirs])
+            step_noise, step_timesteps = noise[mine].to(device), timesteps[mine].to(device)
+            noisy = model.noise_scheduler.add_noise(latents, step_noise, step_timesteps)
+            if model.noise_scheduler.config.prediction_type == "v_prediction":
+                target = model.noise_scheduler.get_velocity(latents, step_noise, step_timesteps)
+            else:
+                target = step_noise
+            # One embedding per prompt (instance, then class), repeated over its rows.
+            if method.trains_text_encoder:
+                embeddings = text_encoder(prompt_ids)[0]
+            elif cached_embeddings is not None:
+                embeddings = cached_embeddings
+            else:
+                with torch.no_grad():
+                    embeddings = model.text_encoder(prompt_ids)[0]
+            encoder_states = embeddings.repeat_interleave(batch, dim=0)
+
+            with accelerator.accumulate(*wrapped):
+                prediction = unet(noisy.to(frozen_dtype), step_timesteps, encoder_states).sample
+                loss = F.mse_loss(prediction[:batch].float(), target[:batch].float())
+                if class_set is not None:
+                    prior_loss = F.mse_loss(prediction[batch:].float(), target[batch:].float())
+                    loss = loss + prior_weight * prior_loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, train.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
         method.after_optimizer_step(model)
 
-        mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+        step_loss = torch.stack(losses).mean()
+        mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
         if accelerator.is_main_process:
             reporter.on_train_step(step, loss=mean_loss, lr=lr_scheduler.get_last_lr()[0])
         if step % config.eval_every == 0:
             evaluate(step)
+        if step in checkpoint_steps:
             save(step)
 
     if accelerator.is_main_process:

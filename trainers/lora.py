@@ -1,4 +1,5 @@
-"""LoRA DreamBooth: low-rank adapters on the UNet's attention projections; all else frozen."""
+"""LoRA DreamBooth: low-rank adapters on the UNet's attention (and optionally the text
+encoder's); all base weights frozen."""
 
 from __future__ import annotations
 
@@ -8,61 +9,62 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
 
-from launch.spec import SubjectSpec, TrainSpec
+from launch.spec import LoRASpec, SubjectSpec
 from trainers.models import BaseModel
-
-# The attention projections diffusers' train_dreambooth_lora.py adapts.
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 class LoRAMethod:
     """Adapters with B = 0 at the start, so step 0 is exactly the base model."""
 
     name = "lora"
-    trains_text_encoder = False
 
-    def __init__(self, train: TrainSpec, subject: SubjectSpec) -> None:
+    def __init__(self, options: LoRASpec, subject: SubjectSpec) -> None:
+        self.options = options
         self.subject = subject
-        self.rank = train.lora_rank
-        self.alpha = train.lora_alpha if train.lora_alpha is not None else float(train.lora_rank)
+        self.trains_text_encoder = options.train_text_encoder
+        self.alpha = options.alpha if options.alpha is not None else float(options.rank)
 
     @property
     def subject_token(self) -> str:
         return self.subject.identifier
 
-    def setup(self, model: BaseModel) -> list[torch.nn.Parameter]:
-        for module in (model.unet, model.vae, model.text_encoder):
-            module.requires_grad_(False)
-        model.unet.add_adapter(
-            LoraConfig(
-                r=self.rank,
-                lora_alpha=self.alpha,
-                init_lora_weights="gaussian",
-                target_modules=LORA_TARGETS,
-            )
+    def _adapter(self, targets: list[str]) -> LoraConfig:
+        return LoraConfig(
+            r=self.options.rank,
+            lora_alpha=self.alpha,
+            init_lora_weights="gaussian",
+            target_modules=targets,
         )
-        trainable = [p for p in model.unet.parameters() if p.requires_grad]
-        for parameter in trainable:  # trained weights in fp32, whatever the frozen precision
+
+    def setup(self, model: BaseModel, *, frozen_dtype: torch.dtype) -> list[torch.nn.Parameter]:
+        # Base weights in the low precision first; the adapters added after are cast to fp32.
+        for module in (model.unet, model.vae, model.text_encoder):
+            module.requires_grad_(False).to(frozen_dtype)
+        model.unet.add_adapter(self._adapter(self.options.target_modules))
+        adapted = [model.unet]
+        if self.trains_text_encoder:
+            model.text_encoder.add_adapter(self._adapter(self.options.text_encoder_target_modules))
+            adapted.append(model.text_encoder)
+        trainable = [p for module in adapted for p in module.parameters() if p.requires_grad]
+        for parameter in trainable:
             parameter.data = parameter.data.float()
         return trainable
 
     def after_optimizer_step(self, model: BaseModel) -> None:
         pass
 
-    def trainable_state(self, model: BaseModel) -> dict[str, torch.Tensor]:
-        state = get_peft_model_state_dict(model.unet)
-        return {k: v.detach().cpu().clone() for k, v in state.items()}
-
-    def load_trainable_state(self, model: BaseModel, state: dict[str, torch.Tensor]) -> None:
-        result = set_peft_model_state_dict(model.unet, state)
-        if result.unexpected_keys:
-            raise RuntimeError(f"checkpoint has unexpected LoRA keys: {result.unexpected_keys[:5]}")
-
     def save_weights(self, model: BaseModel, directory: Path) -> None:
         """diffusers' LoRA format, which `StableDiffusionPipeline.load_lora_weights` loads."""
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet))
+        text_encoder_layers = None
+        if self.trains_text_encoder:
+            text_encoder_layers = convert_state_dict_to_diffusers(
+                get_peft_model_state_dict(model.text_encoder)
+            )
         StableDiffusionPipeline.save_lora_weights(
-            directory, unet_lora_layers=layers, safe_serialization=True
+            directory,
+            unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet)),
+            text_encoder_lora_layers=text_encoder_layers,
+            safe_serialization=True,
         )

@@ -1,8 +1,9 @@
 """What a training method is to the shared loop, and the registry of methods.
 
-A method says which weights train, which word stands for the subject in prompts, what to do after
-each optimizer step, and how its weights are checkpointed and saved. Everything else (data,
-noise, loss, optimizer, evaluation, checkpoints) is the loop's.
+A method says which weights train (and in which precision the frozen rest is held), which word
+stands for the subject in prompts, what to do after each optimizer step, and how its weights are
+saved in the format diffusers' pipelines load. Everything else (data, noise, loss, optimizer,
+evaluation, checkpoints and resume) is the loop's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Protocol
 
 import torch
 
-from launch.spec import SubjectSpec, TrainSpec
+from launch.spec import MethodOptions, SubjectSpec
+from trainers.dreambooth import DreamBoothMethod
 from trainers.lora import LoRAMethod
 from trainers.models import BaseModel
 from trainers.textual_inversion import TextualInversionMethod
@@ -28,23 +30,24 @@ class TrainingMethod(Protocol):
         """The word that stands for the subject in training and evaluation prompts."""
         ...
 
-    def setup(self, model: BaseModel) -> list[torch.nn.Parameter]:
-        """Freeze the base, add what trains, return the parameters the optimizer steps."""
+    def setup(self, model: BaseModel, *, frozen_dtype: torch.dtype) -> list[torch.nn.Parameter]:
+        """Freeze the base (held in `frozen_dtype`), add what trains (in fp32), and return the
+        parameters the optimizer steps."""
         ...
 
     def after_optimizer_step(self, model: BaseModel) -> None: ...
-    def trainable_state(self, model: BaseModel) -> dict[str, torch.Tensor]: ...
-    def load_trainable_state(self, model: BaseModel, state: dict[str, torch.Tensor]) -> None: ...
+
     def save_weights(self, model: BaseModel, directory: Path) -> None:
         """Save in the format diffusers' pipelines load."""
         ...
 
 
 METHODS: dict[str, type] = {
+    "dreambooth": DreamBoothMethod,
     "lora": LoRAMethod,
     "textual_inversion": TextualInversionMethod,
 }
 
 
-def make_method(name: str, train: TrainSpec, subject: SubjectSpec) -> TrainingMethod:
-    return METHODS[name](train, subject)
+def make_method(name: str, options: MethodOptions, subject: SubjectSpec) -> TrainingMethod:
+    return METHODS[name](options, subject)

@@ -119,3 +119,19 @@ def load_base_model(base_model: str, *, dtype: torch.dtype = torch.float32) -> B
         noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
         source=source,
     )
+
+
+def assemble_pipeline(model: BaseModel, sampler: object) -> StableDiffusionPipeline:
+    """A pipeline over the model's own modules (shared, not copied), no safety checker."""
+    pipeline = StableDiffusionPipeline(
+        vae=model.vae,
+        text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        unet=model.unet,
+        scheduler=sampler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -7,31 +7,34 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from launch.spec import SubjectSpec, TrainSpec
+from launch.spec import SubjectSpec, TextualInversionSpec
 from trainers.models import BaseModel
 
 WEIGHTS_NAME = "learned_embeds.safetensors"
 
 
 class TextualInversionMethod:
-    """A placeholder token `<subject>` initialised from the class token's embedding."""
+    """A placeholder token (default `<subject>`) initialised from the class token's embedding."""
 
     name = "textual_inversion"
     trains_text_encoder = True  # the prompt embedding changes every step: it cannot be cached
 
-    def __init__(self, train: TrainSpec, subject: SubjectSpec) -> None:
+    def __init__(self, options: TextualInversionSpec, subject: SubjectSpec) -> None:
         self.subject = subject
+        self.token = options.placeholder_token.format(subject=subject.name)
         self.token_id: int | None = None
         self.frozen_rows: torch.Tensor | None = None
 
     @property
     def subject_token(self) -> str:
-        return f"<{self.subject.name}>"
+        return self.token
 
-    def setup(self, model: BaseModel) -> list[torch.nn.Parameter]:
+    def setup(self, model: BaseModel, *, frozen_dtype: torch.dtype) -> list[torch.nn.Parameter]:
         subject = self.subject
         for module in (model.unet, model.vae, model.text_encoder):
             module.requires_grad_(False)
+        model.unet.to(frozen_dtype)
+        model.vae.to(frozen_dtype)
         token = self.subject_token
         if model.tokenizer.add_tokens(token) != 1:
             raise ValueError(f"the tokenizer already has the token {token!r}")
@@ -42,9 +45,10 @@ class TextualInversionMethod:
                 f"{len(class_ids)} tokens; textual inversion initialises from a single token"
             )
         self.token_id = model.tokenizer.convert_tokens_to_ids(token)
-        # Trained weights in fp32, as the text encoder's forward runs through them.
+        # The whole text encoder stays fp32, as diffusers' textual_inversion.py keeps it: the
+        # trained row's gradient flows back through every layer.
         model.text_encoder.float()
-        model.text_encoder.resize_token_embeddings(len(model.tokenizer))
+        model.text_encoder.resize_token_embeddings(len(model.tokenizer), mean_resizing=False)
         embedding = model.text_encoder.get_input_embeddings().weight
         with torch.no_grad():
             embedding[self.token_id] = embedding[class_ids[0]]
@@ -62,13 +66,6 @@ class TextualInversionMethod:
 
     def _row(self, model: BaseModel) -> torch.Tensor:
         return model.text_encoder.get_input_embeddings().weight[self.token_id]
-
-    def trainable_state(self, model: BaseModel) -> dict[str, torch.Tensor]:
-        return {"embedding": self._row(model).detach().cpu().clone()}
-
-    def load_trainable_state(self, model: BaseModel, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self._row(model).copy_(state["embedding"])
 
     def save_weights(self, model: BaseModel, directory: Path) -> None:
         """diffusers' format, which `StableDiffusionPipeline.load_textual_inversion` loads."""

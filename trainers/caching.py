@@ -1,0 +1,136 @@
+"""Training inputs computed once: VAE posteriors of the images and embeddings of the prompts.
+
+Both are cached on disk (`launch.cache`), one file per image or prompt, so every trial of a
+subject (any num_images, learning rate, seed or method) and every trial that uses the same class
+images reads them instead of running the VAE or the text encoder again. A cache entry is named by
+the base model's id or folder, the resolution and the dtype, and the image's bytes or the
+prompt's text; after changing the weights behind a model folder, delete the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from launch.cache import cache_key, cache_root
+from trainers.data import load_subject_pixels
+from trainers.models import BaseModel
+
+CACHE_VERSION = "v1"  # bump when what is cached changes meaning
+
+
+def _cached(kind: str, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict:
+    """Load `cache_root()/kind/key.safetensors`, computing and writing it (atomically) if absent."""
+    path = cache_root() / kind / f"{key}.safetensors"
+    if path.is_file():
+        return load_file(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in compute().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, staging)
+    os.replace(staging, path)  # concurrent writers write the same values; the last one wins
+    return tensors
+
+
+@dataclass
+class ImageSet:
+    """Training images, either as cached VAE posteriors or as pixels encoded at every step."""
+
+    vae_scaling: float
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.mean if self.mean is not None else self.pixels)
+
+    def latents(
+        self,
+        model: BaseModel,
+        index: torch.Tensor,
+        sample_noise: torch.Tensor,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """Scaled latents of images `index`: posterior mean + std × `sample_noise`."""
+        if self.mean is not None:
+            mean, std = self.mean[index], self.std[index]
+        else:
+            with torch.no_grad():
+                posterior = model.vae.encode(
+                    self.pixels[index].to(device, model.vae.dtype)
+                ).latent_dist
+            mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()
+        return ((mean + std * sample_noise) * self.vae_scaling).to(device)
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_images(
+    model: BaseModel,
+    files: list[Path],
+    *,
+    resolution: int,
+    cache: bool,
+    device: torch.device,
+) -> ImageSet:
+    """The images as posteriors from the disk cache (`cache`), or as pixels to encode later."""
+    scaling = model.vae.config.scaling_factor
+    if not cache:
+        return ImageSet(scaling, pixels=load_subject_pixels(files, resolution))
+    means, stds = [], []
+    for path in files:
+
+        def encode(path: Path = path) -> dict[str, torch.Tensor]:
+            pixels = load_subject_pixels([path], resolution).to(device, model.vae.dtype)
+            with torch.no_grad():
+                posterior = model.vae.encode(pixels).latent_dist
+            return {"mean": posterior.mean[0].float(), "std": posterior.std[0].float()}
+
+        key = cache_key(
+            CACHE_VERSION, model.source, resolution, model.vae.dtype, _file_digest(path)
+        )
+        entry = _cached("latents", key, encode)
+        means.append(entry["mean"])
+        stds.append(entry["std"])
+    return ImageSet(scaling, mean=torch.stack(means), std=torch.stack(stds))
+
+
+def latent_shape(model: BaseModel, resolution: int) -> tuple[int, int, int]:
+    """(channels, height, width) of a latent at `resolution`."""
+    factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    return (model.vae.config.latent_channels, resolution // factor, resolution // factor)
+
+
+def tokenize(model: BaseModel, prompts: list[str]) -> torch.Tensor:
+    return model.tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=model.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def cached_prompt_embeddings(
+    model: BaseModel, prompts: list[str], device: torch.device
+) -> torch.Tensor:
+    """The frozen text encoder's embeddings of `prompts`, `[len(prompts), tokens, width]`."""
+    rows = []
+    for prompt in prompts:
+
+        def encode(prompt: str = prompt) -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                ids = tokenize(model, [prompt]).to(device)
+                return {"embedding": model.text_encoder(ids)[0][0]}
+
+        key = cache_key(CACHE_VERSION, model.source, model.text_encoder.dtype, prompt)
+        rows.append(_cached("prompt_embeddings", key, encode)["embedding"])
+    return torch.stack(rows).to(device)
