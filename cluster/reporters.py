@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from evaluation.evaluator import Evaluation
 from launch import events
-from launch.tracking import TAG_CHECKPOINT
+from launch.tracking import TAG_CHECKPOINT, TAG_SETUP_PREFIX
 from trainers.loop import Reporter
 
 
@@ -42,9 +42,11 @@ class MlflowReporter:
             self.client.log_batch(self.run_id, metrics=self.pending[start : start + 1000])
         self.pending = []
 
-    def on_start(self, *, start_step: int, max_steps: int) -> None:
+    def on_start(self, *, start_step: int, max_steps: int, setup: dict[str, str]) -> None:
+        tags = [RunTag(f"{TAG_SETUP_PREFIX}{key}", value) for key, value in setup.items()]
         if start_step:
-            self.client.set_tag(self.run_id, "dreamsweep.resumed_from_step", str(start_step))
+            tags.append(RunTag("dreamsweep.resumed_from_step", str(start_step)))
+        self.client.log_batch(self.run_id, tags=tags)
 
     def on_train_step(self, step: int, *, loss: float, lr: float) -> None:
         self._add("loss", loss, step)
@@ -73,7 +75,7 @@ class MlflowReporter:
 class ProgressReporter:
     """Emits progress events on stdout for the launcher's progress bars."""
 
-    def on_start(self, *, start_step: int, max_steps: int) -> None:
+    def on_start(self, *, start_step: int, max_steps: int, setup: dict[str, str]) -> None:
         events.emit("start", start_step=start_step, max_steps=max_steps)
 
     def on_train_step(self, step: int, *, loss: float, lr: float) -> None:
@@ -98,9 +100,9 @@ class Reporters:
     def __init__(self, *reporters: Reporter) -> None:
         self.reporters = reporters
 
-    def on_start(self, *, start_step: int, max_steps: int) -> None:
+    def on_start(self, *, start_step: int, max_steps: int, setup: dict[str, str]) -> None:
         for reporter in self.reporters:
-            reporter.on_start(start_step=start_step, max_steps=max_steps)
+            reporter.on_start(start_step=start_step, max_steps=max_steps, setup=setup)
 
     def on_train_step(self, step: int, *, loss: float, lr: float) -> None:
         for reporter in self.reporters:

@@ -10,6 +10,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from launch.preflight import missing_packages
 from launch.spec import SpecError, SweepSpec, load_spec
 
 
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(soft_wrap=True)  # long paths and URIs stay on one line, copy-pasteable
     try:
         spec = load_spec(args.spec)
+        problems = missing_packages(spec)
+        if problems:
+            raise SpecError(str(args.spec), problems)
     except SpecError as err:
         Console(stderr=True).print(f"error: {err}", markup=False, highlight=False)
         return 2

@@ -20,6 +20,7 @@ TAG_SWEEP = "dreamsweep.sweep"
 TAG_TRIAL = "dreamsweep.trial_id"
 TAG_CHECKPOINT = "dreamsweep.checkpoint.step_{step:06d}"
 TAG_ERROR = "dreamsweep.error"
+TAG_SETUP_PREFIX = "dreamsweep.setup."  # what is really on: dtypes, optimizer, kernels
 
 
 def _quoted(tag: str) -> str:
@@ -118,6 +119,11 @@ class SweepTracking:
             "class_token": trial.subject.class_token,
             "identifier": trial.subject.identifier,
             "method": trial.method,
+            **{
+                f"method.{k}": v
+                for k, v in trial.options.model_dump().items()
+                if k != "learning_rate"
+            },
             "num_images": trial.num_images,
             "learning_rate": trial.learning_rate,
             "seed": trial.seed,

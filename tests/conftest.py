@@ -103,8 +103,9 @@ class Recorder:
         self.removed: list[int] = []
         self.die_after_checkpoint = die_after_checkpoint
 
-    def on_start(self, *, start_step: int, max_steps: int) -> None:
+    def on_start(self, *, start_step: int, max_steps: int, setup: dict[str, str]) -> None:
         self.start_step = start_step
+        self.setup = setup
 
     def on_train_step(self, step: int, *, loss: float, lr: float) -> None:
         self.losses[step] = loss

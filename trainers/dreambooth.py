@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel
 
 from launch.spec import DreamBoothSpec, SubjectSpec
 from trainers.models import BaseModel
@@ -42,3 +44,15 @@ class DreamBoothMethod:
         model.unet.save_pretrained(directory / "unet", safe_serialization=True)
         if self.trains_text_encoder:
             model.text_encoder.save_pretrained(directory / "text_encoder", safe_serialization=True)
+
+    @staticmethod
+    def load_pipeline(source: str, checkpoint: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
+        """The base pipeline with the checkpoint's UNet (and text encoder) in place of its own."""
+        trained = {
+            "unet": UNet2DConditionModel.from_pretrained(checkpoint / "unet", torch_dtype=dtype)
+        }
+        if (checkpoint / "text_encoder").is_dir():
+            trained["text_encoder"] = CLIPTextModel.from_pretrained(
+                checkpoint / "text_encoder", torch_dtype=dtype
+            )
+        return StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **trained)

@@ -53,7 +53,7 @@ INSTANCE_PROMPT = "a photo of {token} {class}"  # DreamBooth's instance prompt
 class Reporter(Protocol):
     """Where the loop's progress goes (MLflow, a progress bar, …)."""
 
-    def on_start(self, *, start_step: int, max_steps: int) -> None: ...
+    def on_start(self, *, start_step: int, max_steps: int, setup: dict[str, str]) -> None: ...
     def on_train_step(self, step: int, *, loss: float, lr: float) -> None: ...
     def on_evaluation(self, step: int, evaluation: Evaluation) -> None: ...
     def on_checkpoint(self, step: int, path: Path) -> None: ...
@@ -86,6 +86,35 @@ def trained_parameters(model: BaseModel) -> dict[str, torch.nn.Parameter]:
             if parameter.requires_grad:
                 named[f"{prefix}.{name}"] = parameter
     return named
+
+
+def _dtypes(parameters: list[torch.nn.Parameter]) -> str:
+    return ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in parameters})) or "-"
+
+
+def describe_setup(
+    model: BaseModel, optimizer: torch.optim.Optimizer, offloaded: list[str]
+) -> dict[str, str]:
+    """What is really on, read from the live objects (not from the spec): logged with the run,
+    so a curve can be traced to the precision, optimizer and kernels that produced it."""
+    setup = {}
+    for name in ("unet", "vae", "text_encoder"):
+        module = getattr(model, name)
+        parameters = list(module.parameters())
+        trained = [p for p in parameters if p.requires_grad]
+        setup[f"{name}.trained_parameters"] = str(sum(p.numel() for p in trained))
+        setup[f"{name}.trained_dtype"] = _dtypes(trained)
+        setup[f"{name}.frozen_dtype"] = _dtypes([p for p in parameters if not p.requires_grad])
+        setup[f"{name}.gradient_checkpointing"] = str(
+            bool(getattr(module, "is_gradient_checkpointing", False))
+        )
+    setup["unet.attention"] = ",".join(
+        sorted({type(p).__name__ for p in model.unet.attn_processors.values()})
+    )
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate wraps it
+    setup["optimizer"] = f"{type(inner).__module__}.{type(inner).__name__}"
+    setup["offloaded"] = ",".join(offloaded) or "-"
+    return setup
 
 
 def train_trial(config: TrialConfig, reporter: Reporter, *, accelerator: Accelerator) -> None:
@@ -152,10 +181,10 @@ def train_trial(config: TrialConfig, reporter: Reporter, *, accelerator: Acceler
             cached_embeddings = cached_prompt_embeddings(model, prompts, device)
     offloaded = []
     if train.cache_latents:
-        offloaded.append(model.vae)
+        offloaded.append(("vae", model.vae))
     if cached_embeddings is not None:
-        offloaded.append(model.text_encoder)
-    for module in offloaded:
+        offloaded.append(("text_encoder", model.text_encoder))
+    for _, module in offloaded:
         module.to("cpu")
 
     # Optimizer and schedule. Accelerate steps a prepared scheduler once per process (and only
@@ -209,7 +238,8 @@ def train_trial(config: TrialConfig, reporter: Reporter, *, accelerator: Acceler
             resolution=train.resolution,
             device=device,
         )
-        reporter.on_start(start_step=start_step, max_steps=config.max_steps)
+        setup = describe_setup(model, optimizer, [name for name, _ in offloaded])
+        reporter.on_start(start_step=start_step, max_steps=config.max_steps, setup=setup)
 
     def evaluate(step: int) -> None:
         if evaluator is not None:
@@ -218,7 +248,8 @@ def train_trial(config: TrialConfig, reporter: Reporter, *, accelerator: Acceler
             )
             for module in modules.values():
                 module.eval()
-            with on_device(offloaded, device), torch.no_grad(), accelerator.autocast():
+            on_accelerator = on_device([module for _, module in offloaded], device)
+            with on_accelerator, torch.no_grad(), accelerator.autocast():
                 reporter.on_evaluation(step, evaluator(pipeline))
             for name in trained:
                 modules[name].train()
@@ -303,22 +334,26 @@ def train_trial(config: TrialConfig, reporter: Reporter, *, accelerator: Acceler
                 target = model.noise_scheduler.get_velocity(latents, step_noise, step_timesteps)
             else:
                 target = step_noise
-            # One embedding per prompt (instance, then class), repeated over its rows.
-            if method.trains_text_encoder:
-                embeddings = text_encoder(prompt_ids)[0]
-            elif cached_embeddings is not None:
-                embeddings = cached_embeddings
-            else:
-                with torch.no_grad():
-                    embeddings = model.text_encoder(prompt_ids)[0]
-            encoder_states = embeddings.repeat_interleave(batch, dim=0)
-
+            # Forward passes inside `accumulate` (DDP skips the gradient sync of all but the
+            # last micro-batch) and under autocast, which covers the frozen modules too: under
+            # mixed precision a trained fp32 module meets a frozen low-precision one.
             with accelerator.accumulate(*wrapped):
-                prediction = unet(noisy.to(frozen_dtype), step_timesteps, encoder_states).sample
-                loss = F.mse_loss(prediction[:batch].float(), target[:batch].float())
-                if class_set is not None:
-                    prior_loss = F.mse_loss(prediction[batch:].float(), target[batch:].float())
-                    loss = loss + prior_weight * prior_loss
+                with accelerator.autocast():
+                    # One embedding per prompt (instance, then class), repeated over its rows.
+                    if method.trains_text_encoder:
+                        embeddings = text_encoder(prompt_ids)[0]
+                    elif cached_embeddings is not None:
+                        embeddings = cached_embeddings
+                    else:
+                        with torch.no_grad():
+                            embeddings = model.text_encoder(prompt_ids)[0]
+                    encoder_states = embeddings.repeat_interleave(batch, dim=0)
+                    prediction = unet(noisy.to(frozen_dtype), step_timesteps, encoder_states)
+                    prediction = prediction.sample.float()
+                    loss = F.mse_loss(prediction[:batch], target[:batch].float())
+                    if class_set is not None:
+                        prior_loss = F.mse_loss(prediction[batch:], target[batch:].float())
+                        loss = loss + prior_weight * prior_loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable, train.max_grad_norm)

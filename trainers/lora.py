@@ -68,3 +68,9 @@ class LoRAMethod:
             text_encoder_lora_layers=text_encoder_layers,
             safe_serialization=True,
         )
+
+    @staticmethod
+    def load_pipeline(source: str, checkpoint: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
+        pipeline = StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+        pipeline.load_lora_weights(checkpoint)
+        return pipeline

@@ -19,7 +19,7 @@ class MissingPackageError(RuntimeError):
 def require(package: str, *, field: str, value: str, install: str) -> None:
     if importlib.util.find_spec(package) is None:
         raise MissingPackageError(
-            f"{field}: {value!r} needs the {package!r} package, which is not installed "
+            f"{field}: {value!r} needs the {package!r} package, which is not installed here "
             f"(pip install {install})"
         )
 
@@ -58,6 +58,6 @@ def enable_gradient_checkpointing(
     if text_encoder_trains:
         # Non-reentrant: gradients reach adapter and embedding weights inside the checkpointed
         # layers even though the layers' inputs do not require grad.
-        text_encoder.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
+        text_encoder.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
         )

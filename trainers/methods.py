@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from diffusers import StableDiffusionPipeline
 
 from launch.spec import MethodOptions, SubjectSpec
 from trainers.dreambooth import DreamBoothMethod
 from trainers.lora import LoRAMethod
-from trainers.models import BaseModel
+from trainers.models import BaseModel, resolve_model_source
 from trainers.textual_inversion import TextualInversionMethod
 
 
@@ -41,6 +42,11 @@ class TrainingMethod(Protocol):
         """Save in the format diffusers' pipelines load."""
         ...
 
+    @staticmethod
+    def load_pipeline(source: str, checkpoint: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
+        """The base model's pipeline with a checkpoint's weights loaded the diffusers way."""
+        ...
+
 
 METHODS: dict[str, type] = {
     "dreambooth": DreamBoothMethod,
@@ -51,3 +57,13 @@ METHODS: dict[str, type] = {
 
 def make_method(name: str, options: MethodOptions, subject: SubjectSpec) -> TrainingMethod:
     return METHODS[name](options, subject)
+
+
+def load_trained_pipeline(
+    base_model: str, method: str, checkpoint: Path, *, dtype: torch.dtype = torch.float32
+) -> StableDiffusionPipeline:
+    """A ready pipeline from a trial's checkpoint folder: `base_model` as in the spec (hub id,
+    folder or `tiny`), `method` the trial's method."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    return METHODS[method].load_pipeline(resolve_model_source(base_model), checkpoint, dtype)

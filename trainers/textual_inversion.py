@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from launch.spec import SubjectSpec, TextualInversionSpec
@@ -71,3 +72,9 @@ class TextualInversionMethod:
         """diffusers' format, which `StableDiffusionPipeline.load_textual_inversion` loads."""
         row = self._row(model).detach().float().cpu()[None].contiguous()
         save_file({self.subject_token: row}, directory / WEIGHTS_NAME)
+
+    @staticmethod
+    def load_pipeline(source: str, checkpoint: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
+        pipeline = StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+        pipeline.load_textual_inversion(str(checkpoint / WEIGHTS_NAME))
+        return pipeline

@@ -1,0 +1,33 @@
+"""Checks of this machine against a spec, before any work starts: the packages that the spec's
+options need. (The trial worker raises the same errors, for launchers that run elsewhere.)"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from launch.spec import SweepSpec
+
+# spec option → (package, pip requirement)
+_NEEDS = {
+    ("train.optimizer", "adamw8bit"): ("bitsandbytes", "'bitsandbytes>=0.45'"),
+    ("train.attention", "xformers"): ("xformers", "xformers"),
+    ("train.deepspeed", "set"): ("deepspeed", "deepspeed"),
+}
+
+
+def missing_packages(spec: SweepSpec) -> list[str]:
+    """One problem per option whose package is not installed here."""
+    chosen = {
+        ("train.optimizer", spec.train.optimizer),
+        ("train.attention", spec.train.attention),
+        ("train.deepspeed", "set" if spec.train.deepspeed is not None else "unset"),
+    }
+    problems = []
+    for (field, value), (package, requirement) in _NEEDS.items():
+        if (field, value) in chosen and importlib.util.find_spec(package) is None:
+            shown = "" if value == "set" else f" {value!r}"
+            problems.append(
+                f"{field}:{shown} needs the {package!r} package, which is not installed here "
+                f"(pip install {requirement})"
+            )
+    return problems
