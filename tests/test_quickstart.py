@@ -1,19 +1,30 @@
-"""The quickstart sweep end to end: the real config file, the real CLI, a real MLflow store."""
+"""The quickstart sweep end to end: the real config file, the real CLI, a real MLflow store, and
+the three methods side by side on the quickstart subjects."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, dreamsweep
 from diffusers import StableDiffusionPipeline
 from mlflow.tracking import MlflowClient
 
-from launch.tracking import TAG_TRIAL
+from launch.tracking import TAG_SETUP_PREFIX, TAG_TRIAL
+from trainers.methods import load_trained_pipeline
+from trainers.models import resolve_model_source
 
 pytestmark = pytest.mark.slow
+
+# The file each method's checkpoint holds (its diffusers format).
+METHOD_FILES = {
+    "dreambooth": "unet/diffusion_pytorch_model.safetensors",
+    "lora": "pytorch_lora_weights.safetensors",
+    "textual_inversion": "learned_embeds.safetensors",
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +56,18 @@ def test_parent_and_child_runs(quickstart: dict) -> None:
     parents = [r for r in runs if r.data.tags.get("dreamsweep.role") == "sweep"]
     children = [r for r in runs if r.data.tags.get("dreamsweep.role") == "trial"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(children) == 4
+    assert len(children) == 12
     parent_id = parents[0].info.run_id
     assert all(c.data.tags["mlflow.parentRunId"] == parent_id for c in children)
     assert all(c.info.status == "FINISHED" for c in children)
-    assert sorted((c.data.params["subject"], c.data.params["num_images"]) for c in children) == [
-        ("mug", "2"),
-        ("mug", "4"),
-        ("robot", "2"),
-        ("robot", "4"),
+    assert sorted(
+        (c.data.params["subject"], c.data.params["method"], c.data.params["num_images"])
+        for c in children
+    ) == [
+        (subject, method, n)
+        for subject in ("mug", "robot")
+        for method in METHOD_FILES
+        for n in ("2", "4")
     ]
 
 
@@ -75,7 +89,7 @@ def test_curves_images_and_checkpoints(quickstart: dict) -> None:
         for step in (10, 20, 30):
             folder = Path(run.data.tags[f"dreamsweep.checkpoint.step_{step:06d}"])
             assert (folder / "COMPLETE").is_file()
-            assert (folder / "pytorch_lora_weights.safetensors").is_file()
+            assert (folder / METHOD_FILES[run.data.params["method"]]).is_file()
 
 
 def test_select_logs_best_step_and_prints_table(quickstart: dict) -> None:
@@ -97,34 +111,51 @@ def test_second_run_trains_nothing(quickstart: dict) -> None:
     mtimes = [p.stat().st_mtime_ns for p in checkpoints]
     again = dreamsweep("run", quickstart["spec"], cwd=root)
     assert again.returncode == 0, again.stderr
-    assert "4 already done, 0 to run" in again.stdout
+    assert "12 already done, 0 to run" in again.stdout
     assert "All trials are already done: nothing to train." in again.stdout
     assert [p.stat().st_mtime_ns for p in checkpoints] == mtimes
     client: MlflowClient = quickstart["client"]
     experiment = client.get_experiment_by_name("quickstart")
-    assert len(client.search_runs([experiment.experiment_id])) == 5
+    assert len(client.search_runs([experiment.experiment_id])) == 13
 
 
-def test_lora_checkpoint_loads_into_a_pipeline(quickstart: dict) -> None:
-    from trainers.models import resolve_model_source
-
-    run = next(r for r in quickstart["runs"] if r.data.tags.get(TAG_TRIAL))
-    checkpoint = run.data.tags["dreamsweep.checkpoint.step_000030"]
-    pipeline = StableDiffusionPipeline.from_pretrained(resolve_model_source("tiny"))
+def generate(pipeline: StableDiffusionPipeline, prompt: str) -> np.ndarray:
     pipeline.set_progress_bar_config(disable=True)
+    return pipeline(
+        prompt,
+        num_inference_steps=3,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
 
-    def generate() -> torch.Tensor:
-        return pipeline(
-            "a photo of sks toy",
-            num_inference_steps=3,
-            height=64,
-            width=64,
-            output_type="pt",
-            generator=torch.Generator().manual_seed(0),
-        ).images
 
-    base = generate()
-    pipeline.load_lora_weights(checkpoint)
-    tuned = generate()
-    assert tuned.shape == (1, 3, 64, 64)
-    assert not torch.allclose(base, tuned)  # the trained adapters change the output
+def test_each_methods_checkpoint_loads_into_a_pipeline_and_generates(quickstart: dict) -> None:
+    """Through diffusers' own loaders (a UNet folder, load_lora_weights, load_textual_inversion);
+    the trained weights change the picture the base model draws for the same prompt and seed."""
+    base = StableDiffusionPipeline.from_pretrained(resolve_model_source("tiny"))
+    unet_size = sum(p.numel() for p in base.unet.parameters())
+    trials = [r for r in quickstart["runs"] if r.data.tags.get(TAG_TRIAL)]
+    for run in trials:
+        method, subject = run.data.params["method"], run.data.params["subject"]
+        class_token = run.data.params["class_token"]
+        # What trained, read from the live modules by the worker, is logged with the run.
+        setup = {k.removeprefix(TAG_SETUP_PREFIX): v for k, v in run.data.tags.items()}
+        trained = {m: int(setup[f"{m}.trained_parameters"]) for m in ("unet", "text_encoder")}
+        expected_unet = {"dreambooth": unet_size, "textual_inversion": 0}
+        if method in expected_unet:
+            assert trained["unet"] == expected_unet[method]
+        else:
+            assert 0 < trained["unet"] < unet_size // 10
+        assert (trained["text_encoder"] > 0) == (method == "textual_inversion")
+
+        checkpoint = Path(run.data.tags["dreamsweep.checkpoint.step_000030"])
+        pipeline = load_trained_pipeline("tiny", method, checkpoint)
+        token = f"<{subject}>" if method == "textual_inversion" else "sks"
+        image = generate(pipeline, f"a photo of {token} {class_token}")
+        assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+        # An untrained TI token is its class word (its initial embedding).
+        base_token = class_token if method == "textual_inversion" else "sks"
+        before = generate(base, f"a photo of {base_token} {class_token}")
+        assert np.abs(image - before).max() > 1e-3, (method, subject)
