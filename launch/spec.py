@@ -312,7 +312,8 @@ class TrainSpec(_Strict):
     """Encode the training prompts once when the text encoder is frozen, then keep it off the
     accelerator except during evaluation."""
     deepspeed: DeepSpeedSpec | None = None
-    """DeepSpeed ZeRO (GPUs only); unset means plain data parallelism."""
+    """DeepSpeed ZeRO over the trial's processes (`launcher.processes_per_trial`); unset means
+    plain data parallelism."""
     prior: PriorPreservationSpec = PriorPreservationSpec()
     """Class images and weight of the prior-preservation loss, for methods that turn it on."""
     checkpoints: CheckpointSpec = CheckpointSpec()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +80,30 @@ def dreamsweep(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         env={**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)},
         timeout=900,
     )
+
+
+def kill_when_ready(marker: Path, cmdline_part: str, timeout: float = 600) -> threading.Thread:
+    """A thread that, once `marker` exists, SIGKILLs every process whose command line contains
+    `cmdline_part` (a worker, or torchrun and its workers): a real crash, mid-trajectory."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if marker.exists():
+                for pid in os.listdir("/proc"):
+                    try:
+                        cmdline = Path("/proc", pid, "cmdline").read_bytes()
+                    except OSError:
+                        continue
+                    if cmdline_part.encode() in cmdline and int(pid) != os.getpid():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(pid), signal.SIGKILL)
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    return thread
 
 
 def run_trial(trial, reporter) -> None:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import io
-import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import Recorder, copy_subject, run_trial, small_spec, write_spec
+from conftest import Recorder, copy_subject, kill_when_ready, run_trial, small_spec, write_spec
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
@@ -87,22 +84,9 @@ def test_killed_worker_is_reported_and_the_rerun_resumes_into_the_same_run(
     spec = load_spec(write_spec(tmp_path, spec_dict))
     robot, mug = expand_grid(spec)
 
-    def kill_mug_after_its_first_checkpoint() -> None:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if (checkpoints_root(mug) / "step_000004" / "COMPLETE").exists():
-                for pid in os.listdir("/proc"):
-                    try:
-                        cmdline = Path("/proc", pid, "cmdline").read_bytes()
-                    except OSError:
-                        continue
-                    if str(mug.output_dir / "trial.json").encode() in cmdline:
-                        os.kill(int(pid), signal.SIGKILL)
-                        return
-            time.sleep(0.02)
-
-    killer = threading.Thread(target=kill_mug_after_its_first_checkpoint)
-    killer.start()
+    killer = kill_when_ready(
+        checkpoints_root(mug) / "step_000004" / "COMPLETE", str(mug.output_dir / "trial.json")
+    )
     output = io.StringIO()
     outcome = run_local(spec, console=Console(file=output, width=200))
     killer.join()

@@ -28,31 +28,47 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(root: Path, step: int, write: Callable[[Path], None]) -> Path:
-    """Call `write(folder)` on a temporary folder and atomically publish it as step `step`."""
+def staging_dir(root: Path, step: int) -> Path:
+    """Where step `step` is written before it is published; every rank can name it."""
+    return root / f".tmp-{checkpoint_dir(root, step).name}"
+
+
+def begin_checkpoint(root: Path, step: int) -> Path:
+    """A fresh, empty staging folder for step `step` (a killed save's leftovers are dropped)."""
     root.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_dir(root, step)
-    staging = root / f".tmp-{final.name}-{os.getpid()}"
+    staging = staging_dir(root, step)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
+    return staging
+
+
+def publish_checkpoint(root: Path, step: int) -> Path:
+    """Make the staged step durable, mark it COMPLETE, and rename it into place atomically."""
+    staging, final = staging_dir(root, step), checkpoint_dir(root, step)
+    for path in sorted(staging.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        else:
+            _fsync_dir(path)
+    (staging / COMPLETE).write_text(f"{step}\n")
+    _fsync_dir(staging)
+    if final.exists():  # a re-run of the same step (after a kill): replace it whole
+        remove_checkpoint(final)
+    os.rename(staging, final)
+    _fsync_dir(root)
+    return final
+
+
+def write_checkpoint(root: Path, step: int, write: Callable[[Path], None]) -> Path:
+    """Call `write(folder)` on a staging folder and atomically publish it as step `step`."""
+    staging = begin_checkpoint(root, step)
     try:
         write(staging)
-        for path in sorted(staging.rglob("*")):
-            if path.is_file():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
-            else:
-                _fsync_dir(path)
-        (staging / COMPLETE).write_text(f"{step}\n")
-        _fsync_dir(staging)
-        if final.exists():  # a re-run of the same step (after a kill): replace it whole
-            shutil.rmtree(final)
-        os.rename(staging, final)
-        _fsync_dir(root)
+        return publish_checkpoint(root, step)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return final
 
 
 def latest_checkpoint(root: Path) -> tuple[int, Path] | None:

@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from diffusers.optimization import get_scheduler
 
 from evaluation.evaluator import Evaluation, Evaluator, fill_prompt, make_sampler
@@ -32,12 +32,14 @@ from trainers.caching import (
     tokenize,
 )
 from trainers.checkpoint import (
+    begin_checkpoint,
     clean_leftovers,
     complete_checkpoints,
     latest_checkpoint,
+    publish_checkpoint,
     remove_checkpoint,
+    staging_dir,
     steps_to_remove,
-    write_checkpoint,
 )
 from trainers.data import load_rgb
 from trainers.memory import enable_gradient_checkpointing, make_optimizer, set_attention
@@ -47,6 +49,7 @@ from trainers.prior import class_images, class_prompt
 
 PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TRAINER_STATE = "trainer_state.pt"
+OPTIMIZER_SHARD = "optimizer.rank{rank:03d}.pt"  # one per rank under DeepSpeed ZeRO
 INSTANCE_PROMPT = "a photo of {token} {class}"  # DreamBooth's instance prompt
 
 
@@ -105,14 +108,20 @@ def describe_setup(
         setup[f"{name}.trained_parameters"] = str(sum(p.numel() for p in trained))
         setup[f"{name}.trained_dtype"] = _dtypes(trained)
         setup[f"{name}.frozen_dtype"] = _dtypes([p for p in parameters if not p.requires_grad])
-        setup[f"{name}.gradient_checkpointing"] = str(
-            bool(getattr(module, "is_gradient_checkpointing", False))
+        # transformers 5 renamed the flag; diffusers kept the old name.
+        flag = (
+            "is_activation_checkpointing" if name == "text_encoder" else "is_gradient_checkpointing"
         )
+        setup[f"{name}.gradient_checkpointing"] = str(bool(getattr(module, flag, False)))
     setup["unet.attention"] = ",".join(
         sorted({type(p).__name__ for p in model.unet.attn_processors.values()})
     )
-    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate wraps it
+    chain = [optimizer]  # Accelerate wraps the optimizer (and DeepSpeed wraps it again)
+    while getattr(chain[-1], "optimizer", None) is not None:
+        chain.append(chain[-1].optimizer)
+    inner = chain[-1]
     setup["optimizer"] = f"{type(inner).__module__}.{type(inner).__name__}"
+    setup["optimizer_wrappers"] = " > ".join(type(o).__name__ for o in chain[:-1]) or "-"
     setup["offloaded"] = ",".join(offloaded) or "-"
     return setup
 
@@ -209,9 +218,12 @@ def train_trial(config: TrialConfig, reporter: Reporter, *, accelerator: Acceler
     # any device, and its state is checkpointed so a resumed trial draws the same numbers.
     generator = torch.Generator("cpu").manual_seed(config.seed)
 
-    # Resume from the newest COMPLETE checkpoint: weights, optimizer, schedule, RNG.
+    # Resume from the newest COMPLETE checkpoint: weights, optimizer, schedule, RNG. Under
+    # DeepSpeed ZeRO every rank holds its own partition of the optimizer state, so every rank
+    # saves and loads its own file; otherwise the main process saves the one state.
     root = checkpoints_root(config)
     named_trainable = trained_parameters(model)
+    sharded_optimizer = accelerator.distributed_type == DistributedType.DEEPSPEED
     start_step = 0
     if accelerator.is_main_process:
         clean_leftovers(root)
@@ -223,7 +235,20 @@ def train_trial(config: TrialConfig, reporter: Reporter, *, accelerator: Acceler
         with torch.no_grad():
             for name, parameter in named_trainable.items():
                 parameter.copy_(state["trainable"][name])
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded_optimizer:
+            shard_files = sorted(folder.glob(OPTIMIZER_SHARD.replace("{rank:03d}", "*")))
+            if len(shard_files) != accelerator.num_processes:
+                raise RuntimeError(
+                    f"{folder} holds the optimizer state of {len(shard_files)} DeepSpeed "
+                    f"processes, and this trial runs {accelerator.num_processes}: resume it with "
+                    "the same launcher.processes_per_trial"
+                )
+            # ZeRO reads every rank's shard and takes its own; the fp32 master partitions come
+            # from the shards, not from the (possibly low-precision) module weights.
+            shards = [torch.load(f, map_location="cpu", weights_only=False) for f in shard_files]
+            optimizer.optimizer.load_state_dict(shards, load_from_fp32_weights=True)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -256,21 +281,27 @@ def train_trial(config: TrialConfig, reporter: Reporter, *, accelerator: Acceler
         accelerator.wait_for_everyone()
 
     def save(step: int) -> None:
+        """Stage every rank's part, then the main process publishes the step atomically."""
         if accelerator.is_main_process:
-
-            def write(folder: Path) -> None:
-                method.save_weights(model, folder)
-                state = {
-                    "step": step,
-                    "trainable": {k: p.detach().cpu().clone() for k, p in named_trainable.items()},
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": lr_scheduler.state_dict(),
-                    "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                }
-                torch.save(state, folder / TRAINER_STATE)
-
-            reporter.on_checkpoint(step, write_checkpoint(root, step, write))
+            begin_checkpoint(root, step)
+        accelerator.wait_for_everyone()
+        staging = staging_dir(root, step)
+        if sharded_optimizer:
+            shard = OPTIMIZER_SHARD.format(rank=accelerator.process_index)
+            torch.save(optimizer.state_dict(), staging / shard)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            method.save_weights(model, staging)
+            state = {
+                "step": step,
+                "trainable": {k: p.detach().cpu().clone() for k, p in named_trainable.items()},
+                "optimizer": None if sharded_optimizer else optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+            }
+            torch.save(state, staging / TRAINER_STATE)
+            reporter.on_checkpoint(step, publish_checkpoint(root, step))
             retain(step)
         accelerator.wait_for_everyone()
 
@@ -289,7 +320,9 @@ def train_trial(config: TrialConfig, reporter: Reporter, *, accelerator: Acceler
                 remove_checkpoint(folder)
                 reporter.on_checkpoint_removed(step)
             elif step != newest:
-                (folder / TRAINER_STATE).unlink(missing_ok=True)
+                for resume_file in (TRAINER_STATE, OPTIMIZER_SHARD.replace("{rank:03d}", "*")):
+                    for path in folder.glob(resume_file):
+                        path.unlink()
 
     if start_step == 0:
         evaluate(0)  # the base model's value: the baseline each curve starts from
