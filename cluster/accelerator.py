@@ -20,9 +20,13 @@ def deepspeed_config(train: TrainSpec) -> dict[str, Any]:
         "overlap_comm": True,
         "contiguous_gradients": True,
     }
+    config: dict[str, Any] = {}
     if train.deepspeed.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    return {
+        # The loop's torch AdamW steps the offloaded partitions (DeepSpeedCPUAdam would need a
+        # compiled extension); DeepSpeed refuses a client optimizer with offload unless told.
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config | {
         "train_micro_batch_size_per_gpu": train.batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
         "gradient_clipping": train.max_grad_norm,

@@ -126,6 +126,7 @@ class Recorder:
 
     def __init__(self, die_after_checkpoint: int | None = None) -> None:
         self.losses: dict[int, float] = {}
+        self.learning_rates: dict[int, float] = {}
         self.metrics: dict[int, dict[str, float]] = {}
         self.checkpoints: list[int] = []
         self.removed: list[int] = []
@@ -137,6 +138,7 @@ class Recorder:
 
     def on_train_step(self, step: int, *, loss: float, lr: float) -> None:
         self.losses[step] = loss
+        self.learning_rates[step] = lr
 
     def on_evaluation(self, step: int, evaluation) -> None:
         self.metrics[step] = evaluation.metrics

@@ -186,6 +186,7 @@ def test_deepspeed_config_is_generated_from_the_spec() -> None:
         deepspeed={"zero_stage": 2, "offload_optimizer": "cpu"},
     )
     assert deepspeed_config(train_spec) == {
+        "zero_force_ds_cpu_optimizer": False,
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 4,
         "gradient_clipping": 0.5,
@@ -240,3 +241,16 @@ def test_retention_keeps_eval_steps_and_the_newest_and_resume_state_only_once(
     )
     train(lean)
     assert [step for step, _ in complete_checkpoints(checkpoints_root(lean))] == [6]
+
+
+def test_warmup_then_linear_decay_is_the_logged_schedule(tmp_path: Path) -> None:
+    trial = make_trial(
+        tmp_path / "t",
+        grid={"max_steps": 6, "eval_every": 6},
+        train={"lr_scheduler": "linear", "lr_warmup_steps": 2},
+    )
+    recorder = train(trial)
+    # Logged as the diffusers scripts log it, after each step: up over the 2 warm-up steps,
+    # then linearly down to 0 at the last step.
+    expected = [5e-4, 1e-3, 7.5e-4, 5e-4, 2.5e-4, 0.0]
+    assert [recorder.learning_rates[s] for s in range(1, 7)] == pytest.approx(expected)

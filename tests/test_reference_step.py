@@ -3,6 +3,7 @@ method: same seed, same batch, same losses and same updated weights to float tol
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +185,15 @@ def test_textual_inversion_loop_equals_hand_written_steps(tmp_path: Path) -> Non
 
 
 PRIOR_WEIGHT = 0.5
+CLASS_SETTINGS = {
+    "prompt": "a photo of a toy",
+    "num_class_images": 3,
+    "seed": 0,
+    "num_inference_steps": 2,
+    "guidance_scale": 7.5,
+    "resolution": 64,
+    "sampler": "dpm++",
+}
 
 
 def reference_class_images(count: int, steps: int) -> list[Image.Image]:
@@ -276,10 +286,11 @@ def test_dreambooth_with_prior_preservation_equals_hand_written_steps(tmp_path: 
     run_trial(trial, recorder)
 
     # The class images were generated once into the cache, as the plain pipeline makes them.
+    # (Other tests cache other sets: other prompts, counts, or sampling steps.)
     [class_folder] = [
         folder
         for folder in (cache_root() / "class_images").glob("*/")
-        if (folder / "prompt.txt").read_text() == "a photo of a toy\n"
+        if json.loads((folder / "settings.json").read_text()) == CLASS_SETTINGS
     ]
     class_files = sorted(class_folder.glob("class_*.png"))
     assert len(class_files) == 3

@@ -50,6 +50,7 @@ from trainers.prior import class_images, class_prompt
 PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TRAINER_STATE = "trainer_state.pt"
 OPTIMIZER_SHARD = "optimizer.rank{rank:03d}.pt"  # one per rank under DeepSpeed ZeRO
+OPTIMIZER_SHARDS = "optimizer.rank*.pt"
 INSTANCE_PROMPT = "a photo of {token} {class}"  # DreamBooth's instance prompt
 
 
@@ -236,7 +237,7 @@ def train_trial(config: TrialConfig, reporter: Reporter, *, accelerator: Acceler
             for name, parameter in named_trainable.items():
                 parameter.copy_(state["trainable"][name])
         if sharded_optimizer:
-            shard_files = sorted(folder.glob(OPTIMIZER_SHARD.replace("{rank:03d}", "*")))
+            shard_files = sorted(folder.glob(OPTIMIZER_SHARDS))
             if len(shard_files) != accelerator.num_processes:
                 raise RuntimeError(
                     f"{folder} holds the optimizer state of {len(shard_files)} DeepSpeed "
@@ -320,7 +321,7 @@ def train_trial(config: TrialConfig, reporter: Reporter, *, accelerator: Acceler
                 remove_checkpoint(folder)
                 reporter.on_checkpoint_removed(step)
             elif step != newest:
-                for resume_file in (TRAINER_STATE, OPTIMIZER_SHARD.replace("{rank:03d}", "*")):
+                for resume_file in (TRAINER_STATE, OPTIMIZER_SHARDS):
                     for path in folder.glob(resume_file):
                         path.unlink()
 

@@ -8,6 +8,7 @@ the device beyond float rounding.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from launch.cache import build_once, cache_key
 from launch.spec import PriorPreservationSpec
 from trainers.models import BaseModel, assemble_pipeline
 
-CLASS_IMAGES_VERSION = "v1"
+CLASS_IMAGES_VERSION = "v2"
 CLASS_SAMPLER = "dpm++"
 
 
@@ -35,17 +36,17 @@ def class_images(
 ) -> list[Path]:
     """The class images' files, generating them first if no trial has yet."""
     prompt = class_prompt(prior, class_token)
-    key = cache_key(
-        CLASS_IMAGES_VERSION,
-        model.source,
-        prompt,
-        resolution,
-        prior.num_class_images,
-        prior.seed,
-        prior.num_inference_steps,
-        prior.guidance_scale,
-        CLASS_SAMPLER,
-    )
+    # Everything the set depends on; written beside the images, and hashed into its key.
+    settings = {
+        "prompt": prompt,
+        "num_class_images": prior.num_class_images,
+        "seed": prior.seed,
+        "num_inference_steps": prior.num_inference_steps,
+        "guidance_scale": prior.guidance_scale,
+        "resolution": resolution,
+        "sampler": CLASS_SAMPLER,
+    }
+    key = cache_key(CLASS_IMAGES_VERSION, model.source, json.dumps(settings, sort_keys=True))
 
     def generate(folder: Path) -> None:
         pipeline = assemble_pipeline(
@@ -67,7 +68,7 @@ def class_images(
                 ).images
             for offset, image in enumerate(images):
                 image.save(folder / f"class_{start + offset:05d}.png")
-        (folder / "prompt.txt").write_text(prompt + "\n", encoding="utf-8")
+        (folder / "settings.json").write_text(json.dumps(settings, sort_keys=True), "utf-8")
         for module, where in zip(
             (model.unet, model.vae, model.text_encoder), previous, strict=True
         ):
