@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pandas as pd
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from evaluation.evaluator import Evaluation
 from launch import events
-from launch.tracking import TAG_CHECKPOINT, TAG_SETUP_PREFIX
+from launch.tracking import TAG_CHECKPOINT, TAG_SETUP_PREFIX, records_file
 from trainers.loop import Reporter
 
 
@@ -59,6 +60,13 @@ class MlflowReporter:
             self._add(key, value, step)
         self.flush()
         self.client.log_image(self.run_id, evaluation.grid, f"samples/step_{step:06d}.png")
+        if evaluation.records:
+            # One file per step, in mlflow.load_table's JSON layout; written with log_text,
+            # which overwrites, so a step redone after a resume is not recorded twice
+            # (log_table would append).
+            table = pd.DataFrame(evaluation.records).assign(step=step)
+            text = table.to_json(orient="split", index=False)
+            self.client.log_text(self.run_id, text, records_file(step))
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.client.set_tag(self.run_id, TAG_CHECKPOINT.format(step=step), str(path))

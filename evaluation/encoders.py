@@ -1,74 +1,90 @@
-"""Image encoders for the metrics: a CLIP vision model (hub id or folder) or the offline `tiny`.
+"""Image encoders behind the metrics, and the on-disk cache of reference-image embeddings.
 
-`tiny` is a random-init CLIP ViT at toy size (same architecture family), built once and saved with
-`save_pretrained`, then loaded through exactly the same code as real weights.
+Every encoder maps PIL images to a float32 `[N, D]` tensor on the CPU (`embed_images`) and names
+where its weights came from (`source`). CLIP and DINO load a hub id or local folder unchanged,
+or build their offline `tiny` variant; Inception-v3 (FID) comes from torchmetrics/torch-fidelity.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import torch
 from PIL import Image
-from transformers import (
-    CLIPImageProcessorPil,  # the PIL backend: torchvision is not a dependency of dreamsweep
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
-)
 
-from launch.cache import build_once
-from launch.spec import TINY
-
-TINY_ENCODER_NAME = "tiny-clip-vision-v1"
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+from launch.cache import cache_key, cache_root
+from trainers.data import load_rgb
 
 
-def build_tiny_clip_vision(directory: Path) -> None:
-    torch.manual_seed(0)
-    model = CLIPVisionModelWithProjection(
-        CLIPVisionConfig(
-            image_size=64,
-            patch_size=8,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            projection_dim=64,
-            hidden_act="quick_gelu",
-        )
-    )
-    model.save_pretrained(directory)
-    CLIPImageProcessorPil(
-        size={"shortest_edge": 64},
-        crop_size={"height": 64, "width": 64},
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-    ).save_pretrained(directory)
+class ImageEncoder(Protocol):
+    source: str
+
+    def embed_images(
+        self, images: list[Image.Image], *, normalize: bool = True, batch_size: int = 32
+    ) -> torch.Tensor: ...
 
 
-class ImageEncoder:
-    """Images → L2-normalised embeddings `[N, D]` (float32, on the CPU)."""
+class InceptionFeatures:
+    """Inception-v3 pool3 features (2048-d), the network and resizing of the usual FID."""
 
-    def __init__(self, name: str, *, device: torch.device | str = "cpu") -> None:
-        source = (
-            str(build_once(TINY_ENCODER_NAME, build_tiny_clip_vision)) if name == TINY else name
-        )
-        self.source = source
+    source = "torchmetrics:inception-v3-compat"
+
+    def __init__(self, *, device: torch.device | str = "cpu") -> None:
+        from torchmetrics.image.fid import NoTrainInceptionV3  # needs torch-fidelity
+
         self.device = torch.device(device)
-        self.model = CLIPVisionModelWithProjection.from_pretrained(source).to(self.device).eval()
-        self.processor = CLIPImageProcessorPil.from_pretrained(source)
+        self.model = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
+        self.model.to(self.device)
 
     @torch.no_grad()
-    def embed(self, images: list[Image.Image], *, batch_size: int = 32) -> torch.Tensor:
+    def embed_images(
+        self, images: list[Image.Image], *, normalize: bool = False, batch_size: int = 32
+    ) -> torch.Tensor:
+        if normalize:
+            raise ValueError("Inception features are only used un-normalised (FID)")
         chunks = []
         for start in range(0, len(images), batch_size):
-            batch = self.processor(images=images[start : start + batch_size], return_tensors="pt")
-            pixels = batch["pixel_values"].to(self.device, self.model.dtype)
-            chunks.append(self.model(pixel_values=pixels).image_embeds.float().cpu())
-        return torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
+            chunk = images[start : start + batch_size]
+            # Resized with PIL's bicubic first, as clean-fid does: folders mix image sizes.
+            batch = np.stack([np.asarray(_inception_input(image)) for image in chunk])
+            pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).to(self.device)  # uint8 NCHW
+            chunks.append(self.model(pixels).reshape(len(batch), -1).double().cpu())
+        return torch.cat(chunks)
 
-    def to(self, device: torch.device | str) -> ImageEncoder:
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        return self
+
+def _inception_input(image: Image.Image) -> Image.Image:
+    side = 299  # Inception-v3's input
+    return image.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def reference_embeddings(
+    encoder: ImageEncoder, files: list[Path], *, normalize: bool
+) -> torch.Tensor:
+    """The embeddings of a fixed image set, computed once and cached on disk.
+
+    Keyed by the encoder's weights and every file's content, so all trials of a subject (and all
+    sweeps on one cache) encode its reference images once, and an edited image is re-encoded.
+    """
+    key = cache_key(
+        type(encoder).__name__, encoder.source, normalize, *(file_digest(f) for f in files)
+    )
+    target = cache_root() / "embeddings" / f"{key}.pt"
+    if target.is_file():
+        return torch.load(target, weights_only=True)
+    embeddings = encoder.embed_images([load_rgb(f) for f in files], normalize=normalize)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target and renamed: a concurrent reader sees all of it or nothing.
+    handle, staging = tempfile.mkstemp(prefix=f"{key}-", suffix=".part", dir=target.parent)
+    os.close(handle)
+    torch.save(embeddings, staging)
+    os.replace(staging, target)
+    return embeddings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -71,13 +72,50 @@ COMMANDS = {
 }
 
 
+def _prompts(args: argparse.Namespace) -> int:
+    """Expand a prompt template to JSON lines: index, prompt, phrases (for inference studies)."""
+    from evaluation.prompts import PromptTemplateError, expand, load_template, template_path
+
+    path = template_path(args.template, base_dir=Path.cwd())
+    try:
+        prompts = expand(load_template(path), args.n, seed=args.seed)
+    except (PromptTemplateError, ValueError) as err:
+        Console(stderr=True, soft_wrap=True).print(f"error: {err}", markup=False, highlight=False)
+        return 2
+    lines = [
+        json.dumps(
+            {
+                "index": index,
+                "prompt": prompt.render(token=args.token, class_token=args.class_token),
+                "phrases": prompt.phrases,
+            }
+        )
+        for index, prompt in enumerate(prompts)
+    ]
+    text = "\n".join(lines) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text, encoding="utf-8")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dreamsweep", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         command = commands.add_parser(name, help=help_text)
         command.add_argument("spec", type=Path, help="sweep spec (YAML)")
+    prompts = commands.add_parser("prompts", help="expand a prompt template to JSON lines")
+    prompts.add_argument("template", help="a shipped template (portrait, object) or a YAML path")
+    prompts.add_argument("--n", type=int, required=True, help="number of distinct prompts")
+    prompts.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
+    prompts.add_argument("--token", default="{token}", help="the subject's identifier")
+    prompts.add_argument("--class", dest="class_token", default="{class}", help="class token")
+    prompts.add_argument("--output", type=Path, help="write here instead of standard output")
     args = parser.parse_args(argv)
+    if args.command == "prompts":
+        return _prompts(args)
     console = Console(soft_wrap=True)  # long paths and URIs stay on one line, copy-pasteable
     try:
         spec = load_spec(args.spec)

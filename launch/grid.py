@@ -82,6 +82,13 @@ class TrialConfig(BaseModel):
                 "experiment": True,
             },
         )
+        # Evaluation inputs count by content, like the subject's images, not by location.
+        evaluation = identity["eval"]
+        if self.eval.prompt_template is not None:
+            template = self.eval.prompt_template.template
+            evaluation["prompt_template"]["template"] = _digest([template])
+        if self.eval.fid_reference is not None:
+            evaluation["fid_reference"] = _digest(subject_image_files(self.eval.fid_reference))
         blob = json.dumps(identity, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 

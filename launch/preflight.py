@@ -12,6 +12,7 @@ _NEEDS = {
     ("train.optimizer", "adamw8bit"): ("bitsandbytes", "'bitsandbytes>=0.45'"),
     ("train.attention", "xformers"): ("xformers", "xformers"),
     ("train.deepspeed", "set"): ("deepspeed", "deepspeed"),
+    ("eval.fid_features", "inception"): ("torch_fidelity", "'dreamsweep[fid]'"),
 }
 
 
@@ -22,6 +23,8 @@ def missing_packages(spec: SweepSpec) -> list[str]:
         ("train.attention", spec.train.attention),
         ("train.deepspeed", "set" if spec.train.deepspeed is not None else "unset"),
     }
+    if "fid" in spec.eval.metrics:
+        chosen.add(("eval.fid_features", spec.eval.fid_features))
     problems = []
     for (field, value), (package, requirement) in _NEEDS.items():
         if (field, value) in chosen and importlib.util.find_spec(package) is None:

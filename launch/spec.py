@@ -31,15 +31,35 @@ LearningRates = Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=
 TINY = "tiny"
 
 Method = Literal["dreambooth", "lora", "textual_inversion"]
-Metric = Literal["similarity", "diversity"]
+Metric = Literal["similarity", "aesthetics", "diversity", "clip_t", "in_domain", "fid"]
+# Curves whose value rises with quality, so a stop step can be chosen on them. FID compares
+# models (lower is better, unbounded) and is reported, not weighted.
+SELECTABLE_METRICS = ("similarity", "aesthetics", "diversity", "clip_t", "in_domain")
+FACE_CLASSES = frozenset(
+    {"man", "woman", "person", "boy", "girl", "child", "kid", "baby", "face", "people"}
+)
+LAION_AESTHETIC_HEAD = (
+    "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+    "sac+logos+ava1-l14-linearMSE.pth"
+)
 
-# The portrait study's min–max ranges; scores are clipped to [0, 1] after scaling.
+# Min–max ranges; scores are clipped to [0, 1] after scaling. Similarity, aesthetics (the LAION
+# score / 10) and diversity are the portrait study's; clip_t spans what DreamBench reports for
+# CLIP ViT-B/32 to L/14 (about 0.2 to 0.35); in_domain is a rate.
 STUDY_RANGES: dict[str, tuple[float, float]] = {
     "similarity": (0.45, 0.85),
     "aesthetics": (0.3, 0.7),
     "diversity": (0.5, 0.75),
+    "clip_t": (0.2, 0.35),
+    "in_domain": (0.0, 1.0),
 }
 STUDY_WEIGHTS: dict[str, float] = {"similarity": 1.0, "aesthetics": 1.0, "diversity": 0.5}
+DEFAULT_PROMPTS = [
+    "a photo of {token} {class}",
+    "a {token} {class} on the beach",
+    "a painting of {token} {class} in the style of van gogh",
+    "a {token} {class} in the snow",
+]
 
 
 class SpecError(ValueError):
@@ -320,19 +340,47 @@ class TrainSpec(_Strict):
     """When checkpoints are written and which are kept."""
 
 
+class PromptTemplateSpec(_Strict):
+    """Validation prompts drawn from a prompt template (`configs/prompts/`)."""
+
+    template: Path
+    """A shipped template's name (`portrait`, `object`) or the path of a template YAML file."""
+    n_validation: int = Field(default=100, ge=1)
+    """Prompts used at every evaluation step: the first `n_validation` of the seeded draw (the
+    same prompts as the start of `dreamsweep prompts --n 5000` with this seed)."""
+    seed: int = 0
+    """Seed of the draw of phrase combinations."""
+
+    @field_validator("template", mode="before")
+    @classmethod
+    def _shipped_or_path(cls, value: Any, info: ValidationInfo) -> Any:
+        from evaluation.prompts import shipped_templates, template_path
+
+        if not isinstance(value, str | Path):
+            return value
+        base = (info.context or {}).get("base_dir")
+        path = template_path(str(value), base_dir=None if base is None else Path(base))
+        if not path.is_file():
+            raise ValueError(
+                f"no prompt template at {str(path)!r}; shipped templates: "
+                f"{', '.join(shipped_templates())}, or give the path of a YAML file"
+            )
+        return str(path)  # a string: trial configs travel to workers as JSON
+
+
 class EvalSpec(_Strict):
     """What is generated and measured at every point of the step grid."""
 
-    prompts: list[str] = Field(
-        default=[
-            "a photo of {token} {class}",
-            "a {token} {class} on the beach",
-            "a painting of {token} {class} in the style of van gogh",
-            "a {token} {class} in the snow",
-        ],
-        min_length=1,
-    )
-    """Validation prompts; `{token}` is the subject's identifier, `{class}` its class token."""
+    prompts: list[str] | None = Field(default=None, min_length=1)
+    """Validation prompts; `{token}` is the subject's identifier, `{class}` its class token.
+    Unset, and without `prompt_template`, means DEFAULT_PROMPTS."""
+    prompt_template: PromptTemplateSpec | None = None
+    """Draw the validation prompts from a template instead of listing them in `prompts`."""
+    negative_prompt: str | None = None
+    """Negative prompt for every evaluation image; unset means none."""
+    compare_negative: bool = False
+    """Also generate every image without `negative_prompt` and log its curves with the suffix
+    `/no_negative` (the study found negative prompts raise aesthetics but lower similarity)."""
     images_per_prompt: int = Field(default=4, ge=1)
     """Images generated per prompt, each with its own fixed seed."""
     num_inference_steps: int = Field(default=25, ge=1)
@@ -342,26 +390,87 @@ class EvalSpec(_Strict):
     scheduler: Literal["dpm++", "ddim", "euler", "pndm"] = "dpm++"
     """Sampler used for evaluation images."""
     batch_size: int = Field(default=8, ge=1)
-    """Images generated per pipeline call."""
+    """Images generated (and encoded) per call."""
     seed: int = 0
     """Seed of the first image; the same seeds are used at every evaluation step."""
-    image_encoder: str = "openai/clip-vit-large-patch14"
-    """CLIP image encoder for similarity and diversity: a hub id, a local folder, or `tiny`."""
-    metrics: list[Metric] = Field(default=["similarity", "diversity"], min_length=1)
+    metrics: list[Metric] = Field(
+        default=["similarity", "aesthetics", "diversity", "clip_t", "in_domain"], min_length=1
+    )
     """Curves to compute at each evaluation step."""
+    encoder: Literal["clip", "dino"] = "clip"
+    """Image embeddings for `similarity` and `diversity`: CLIP image embeddings (CLIP-I) or
+    DINO ViT-S/16's class token (DreamBench's DINO score)."""
+    clip_model: str = "openai/clip-vit-large-patch14"
+    """CLIP for CLIP-I, `aesthetics`, `clip_t` and zero-shot `in_domain`: a hub id, a local
+    folder, or `tiny`."""
+    dino_model: str = "facebook/dino-vits16"
+    """DINO ViT for `encoder: dino`: a hub id, a local folder, or `tiny`."""
+    aesthetics_head: str = LAION_AESTHETIC_HEAD
+    """The LAION aesthetic predictor's MLP weights: a URL (downloaded once), a file, or `tiny`.
+    Its input width must equal `clip_model`'s embedding width (768 for ViT-L/14)."""
+    in_domain: Literal["auto", "face", "zero_shot"] = "auto"
+    """How `in_domain` decides: `face` detection (OpenCV Haar cascade), CLIP `zero_shot` against
+    `distractor_classes`, or `auto`: `face` when the class token is one of FACE_CLASSES."""
+    distractor_classes: list[str] = Field(
+        default=["person", "dog", "cat", "car", "building", "tree", "flower", "chair", "food"],
+        min_length=1,
+    )
+    """Zero-shot `in_domain`: the classes an image's own class must beat (the subject's class is
+    left out if listed)."""
+    fid_reference: Path | None = None
+    """`fid`: a folder of reference images the generated images are compared with."""
+    fid_features: Literal["inception", "clip", "dino"] = "inception"
+    """`fid`: the features, Inception-v3 pool3 (the usual FID; needs torch-fidelity) or the
+    CLIP / DINO embeddings of `clip_model` / `dino_model` (un-normalised)."""
+    records: bool = True
+    """Log a table of every generated image (prompt, phrases, seed, per-image metrics)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_prompts(cls, data: Any) -> Any:
+        if (
+            isinstance(data, dict)
+            and data.get("prompts") is None
+            and data.get("prompt_template") is None
+        ):
+            return {**data, "prompts": DEFAULT_PROMPTS}
+        return data
 
     @field_validator("prompts")
     @classmethod
-    def _known_slots(cls, prompts: list[str]) -> list[str]:
-        for prompt in prompts:
+    def _known_slots(cls, prompts: list[str] | None) -> list[str] | None:
+        for prompt in prompts or []:
             _check_slots(prompt, PROMPT_SLOTS)
         return prompts
 
+    @field_validator("fid_reference")
+    @classmethod
+    def _resolve_fid_reference(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        return None if path is None else _resolve(path, info)
+
     @model_validator(mode="after")
-    def _enough_images_for_diversity(self) -> EvalSpec:
-        if "diversity" in self.metrics and len(self.prompts) * self.images_per_prompt < 2:
-            raise ValueError("diversity needs at least 2 evaluation images per step")
+    def _consistent(self) -> EvalSpec:
+        problems = []
+        if self.prompt_template is not None and self.prompts is not None:
+            problems.append("set eval.prompts or eval.prompt_template, not both")
+        if "diversity" in self.metrics and self.images_per_step < 2:
+            problems.append("diversity needs at least 2 evaluation images per step")
+        if self.compare_negative and self.negative_prompt is None:
+            problems.append("eval.compare_negative needs eval.negative_prompt")
+        if "fid" in self.metrics and self.fid_reference is None:
+            problems.append("metric 'fid' needs eval.fid_reference (a folder of images)")
+        repeated = sorted({m for m in self.metrics if self.metrics.count(m) > 1})
+        if repeated:
+            problems.append(f"eval.metrics: repeated {repeated}")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def images_per_step(self) -> int:
+        """Images generated per evaluation step and per negative-prompt variant."""
+        prompts = self.prompt_template.n_validation if self.prompts is None else len(self.prompts)
+        return prompts * self.images_per_prompt
 
 
 class SelectionSpec(_Strict):
@@ -369,9 +478,7 @@ class SelectionSpec(_Strict):
 
     weights: dict[Metric, Annotated[float, Field(ge=0)]] | None = None
     """Weight of each metric in the score; unset means the study's weights for the measured ones."""
-    ranges: dict[Metric, tuple[float, float]] = Field(
-        default_factory=lambda: {k: v for k, v in STUDY_RANGES.items() if k in get_args(Metric)}
-    )
+    ranges: dict[Metric, tuple[float, float]] = Field(default_factory=lambda: dict(STUDY_RANGES))
     """Min–max range per metric; values are scaled to [0, 1] over it and clipped."""
 
     @field_validator("ranges")
@@ -473,8 +580,18 @@ class SweepSpec(_Strict):
                 problems.append(
                     f"selection.weights: {unmeasured} not in eval.metrics {self.eval.metrics}"
                 )
+            if "fid" in self.selection.weights:
+                problems.append(
+                    "selection.weights: 'fid' cannot be weighted (lower is better and it has no "
+                    f"fixed range); weight any of {list(SELECTABLE_METRICS)}"
+                )
             if not any(self.selection.weights.values()):
                 problems.append("selection.weights: at least one weight must be > 0")
+        elif not self.selection_weights:
+            problems.append(
+                f"selection.weights: the default weights {STUDY_WEIGHTS} cover none of "
+                f"eval.metrics {self.eval.metrics}; set selection.weights"
+            )
         if self.train.optimizer == "adamw8bit" and self.train.deepspeed is not None:
             problems.append(
                 "train.optimizer: 'adamw8bit' cannot be combined with train.deepspeed (DeepSpeed "
@@ -488,7 +605,7 @@ class SweepSpec(_Strict):
                     f"train.deepspeed: methods {both} train the UNet and the text encoder, and "
                     "DeepSpeed trains one model per trial; set train_text_encoder: false"
                 )
-        missing_ranges = sorted(set(self.eval.metrics) - set(self.selection.ranges))
+        missing_ranges = sorted(set(self.selection_weights) - set(self.selection.ranges) - {"fid"})
         if missing_ranges:
             problems.append(f"selection.ranges: no range for measured metric(s) {missing_ranges}")
         if problems:
@@ -515,7 +632,7 @@ class SweepSpec(_Strict):
     def selection_weights(self) -> dict[str, float]:
         if self.selection.weights is not None:
             return dict(self.selection.weights)
-        return {m: STUDY_WEIGHTS[m] for m in self.eval.metrics}
+        return {m: STUDY_WEIGHTS[m] for m in self.eval.metrics if m in STUDY_WEIGHTS}
 
 
 def subject_image_files(folder: Path) -> list[Path]:
@@ -559,6 +676,42 @@ def check_subject_files(spec: SweepSpec) -> list[str]:
     return problems
 
 
+def check_eval_files(spec: SweepSpec) -> list[str]:
+    """Problems with the prompt template and FID reference folder the spec points at."""
+    from evaluation.prompts import PromptTemplateError, load_template
+
+    problems = []
+    template_spec = spec.eval.prompt_template
+    if template_spec is not None:
+        try:
+            template = load_template(template_spec.template)
+        except PromptTemplateError as err:
+            problems.append(f"eval.prompt_template.template: {err}")
+        else:
+            if template_spec.n_validation > template.combinations:
+                problems.append(
+                    f"eval.prompt_template.n_validation: {template_spec.n_validation} prompts "
+                    f"asked, but {str(template_spec.template)!r} has only "
+                    f"{template.combinations} phrase combinations"
+                )
+    folder = spec.eval.fid_reference
+    if folder is not None:
+        if not folder.is_dir():
+            problems.append(f"eval.fid_reference: folder {str(folder)!r} does not exist")
+        else:
+            files = subject_image_files(folder)
+            if len(files) < 2:
+                problems.append(
+                    f"eval.fid_reference: folder {str(folder)!r} has {len(files)} image(s); "
+                    "FID needs at least 2"
+                )
+            for path in files:
+                reason = _check_image(path)
+                if reason:
+                    problems.append(f"eval.fid_reference: {str(path)!r} is {reason}")
+    return problems
+
+
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
     """Field names of the model found at `loc` (the parent of an unknown key)."""
     current: Any = model
@@ -586,6 +739,7 @@ MOVED_KEYS = {
     "grid.learning_rate": "methods.<method>.learning_rate",
     "train.lora_rank": "methods.lora.rank",
     "train.lora_alpha": "methods.lora.alpha",
+    "eval.image_encoder": "eval.clip_model",
 }
 
 
@@ -631,7 +785,7 @@ def load_spec(path: str | Path, *, check_files: bool = True) -> SweepSpec:
         raise SpecError(source, [f"not valid YAML: {err}"]) from None
     spec = parse_spec(data, source=source, base_dir=path.resolve().parent)
     if check_files:
-        problems = check_subject_files(spec)
+        problems = check_subject_files(spec) + check_eval_files(spec)
         if problems:
             raise SpecError(source, problems)
     return spec

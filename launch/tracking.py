@@ -21,6 +21,11 @@ TAG_TRIAL = "dreamsweep.trial_id"
 TAG_CHECKPOINT = "dreamsweep.checkpoint.step_{step:06d}"
 TAG_ERROR = "dreamsweep.error"
 TAG_SETUP_PREFIX = "dreamsweep.setup."  # what is really on: dtypes, optimizer, kernels
+RECORDS_DIR = "records"  # per-image records, one JSON table per evaluated step
+
+
+def records_file(step: int) -> str:
+    return f"{RECORDS_DIR}/step_{step:06d}.json"
 
 
 def _quoted(tag: str) -> str:

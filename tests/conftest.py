@@ -53,7 +53,9 @@ def small_spec(tmp_path: Path, **overrides: object) -> dict:
             "prompts": ["a photo of {token} {class}"],
             "images_per_prompt": 2,
             "num_inference_steps": 3,
-            "image_encoder": "tiny",
+            "clip_model": "tiny",
+            "dino_model": "tiny",
+            "aesthetics_head": "tiny",
         },
     }
     for key, value in overrides.items():  # sections are merged; `methods` is replaced
@@ -128,6 +130,7 @@ class Recorder:
         self.losses: dict[int, float] = {}
         self.learning_rates: dict[int, float] = {}
         self.metrics: dict[int, dict[str, float]] = {}
+        self.evaluations: dict[int, object] = {}
         self.checkpoints: list[int] = []
         self.removed: list[int] = []
         self.die_after_checkpoint = die_after_checkpoint
@@ -142,6 +145,7 @@ class Recorder:
 
     def on_evaluation(self, step: int, evaluation) -> None:
         self.metrics[step] = evaluation.metrics
+        self.evaluations[step] = evaluation
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.checkpoints.append(step)

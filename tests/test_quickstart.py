@@ -14,10 +14,13 @@ from diffusers import StableDiffusionPipeline
 from mlflow.tracking import MlflowClient
 
 from launch.tracking import TAG_SETUP_PREFIX, TAG_TRIAL
+from selection.records import load_records, per_phrase_means
 from trainers.methods import load_trained_pipeline
 from trainers.models import resolve_model_source
 
 pytestmark = pytest.mark.slow
+
+CURVES = ("similarity", "aesthetics", "diversity", "clip_t", "in_domain")
 
 # The file each method's checkpoint holds (its diffusers format).
 METHOD_FILES = {
@@ -77,10 +80,10 @@ def test_curves_images_and_checkpoints(quickstart: dict) -> None:
         if run.data.tags.get("dreamsweep.role") != "trial":
             continue
         run_id = run.info.run_id
-        for metric in ("similarity", "diversity"):
+        for metric in (*CURVES, "eval_seconds"):
             history = client.get_metric_history(run_id, metric)
             assert sorted(m.step for m in history) == [0, 10, 20, 30]
-            assert all(0.0 <= m.value <= 2.0 for m in history)
+        assert all(0 <= m.value <= 1 for m in client.get_metric_history(run_id, "in_domain"))
         assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(
             range(1, 31)
         )
@@ -90,6 +93,29 @@ def test_curves_images_and_checkpoints(quickstart: dict) -> None:
             folder = Path(run.data.tags[f"dreamsweep.checkpoint.step_{step:06d}"])
             assert (folder / "COMPLETE").is_file()
             assert (folder / METHOD_FILES[run.data.params["method"]]).is_file()
+
+
+def test_per_image_records_carry_prompts_phrases_and_the_curves_values(quickstart: dict) -> None:
+    client: MlflowClient = quickstart["client"]
+    trials = [r for r in quickstart["runs"] if r.data.tags.get(TAG_TRIAL)]
+    for run in trials[:3]:
+        records = load_records(client, run.info.run_id)
+        assert len(records) == 4 * 2 * 2  # steps × prompts × images per prompt
+        assert sorted(set(records["step"])) == [0, 10, 20, 30]
+        assert {"prompt", "seed", "negative_prompt", *CURVES} <= set(records.columns)
+        slots = {c for c in records.columns if c.startswith("phrase.")}
+        assert slots == {"phrase.style", "phrase.context", "phrase.viewpoint", "phrase.lighting"}
+        for prompt, style, context in zip(
+            records["prompt"], records["phrase.style"], records["phrase.context"], strict=True
+        ):  # the phrases recorded are the ones in the prompt
+            assert prompt.startswith(f"{style} of ") and context in prompt
+        for metric in CURVES:  # each logged point is the mean of its images' records
+            logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, metric)}
+            means = records.groupby("step")[metric].mean().to_dict()
+            assert means == pytest.approx(logged)
+        by_phrase = per_phrase_means(records, "clip_t", step=30)
+        assert set(by_phrase["slot"]) == {"style", "context", "viewpoint", "lighting"}
+        assert by_phrase.groupby("slot")["images"].sum().tolist() == [4, 4, 4, 4]
 
 
 def test_select_logs_best_step_and_prints_table(quickstart: dict) -> None:

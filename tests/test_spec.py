@@ -205,3 +205,50 @@ def test_8bit_adam_and_deepspeed_are_refused_together(tmp_path: Path) -> None:
         write_spec(tmp_path, small_spec(tmp_path, train={"deepspeed": {"zero_stage": 3}}))
     )
     assert problem.startswith("train.deepspeed.zero_stage: Input should be 1 or 2")
+
+
+def test_evaluation_options_are_checked_together(tmp_path: Path) -> None:
+    spec = small_spec(
+        tmp_path,
+        eval={
+            "image_encoder": "tiny",
+            "compare_negative": True,
+            "metrics": ["similarity", "fid", "similarity"],
+        },
+        selection={"weights": {"fid": 1.0}},
+    )
+    problems = problems_of(write_spec(tmp_path, spec))
+    assert any(
+        p.startswith("eval.image_encoder: unknown key (it moved to eval.clip_model)")
+        for p in problems
+    )
+    del spec["eval"]["image_encoder"]
+    problem = "\n".join(problems_of(write_spec(tmp_path, spec)))
+    for expected in (
+        "eval.compare_negative needs eval.negative_prompt",
+        "metric 'fid' needs eval.fid_reference (a folder of images)",
+        "eval.metrics: repeated ['similarity']",
+    ):
+        assert expected in problem
+
+
+def test_fid_is_reported_not_weighted_and_its_reference_folder_is_checked(
+    tmp_path: Path,
+) -> None:
+    spec = small_spec(
+        tmp_path,
+        eval={"metrics": ["similarity", "fid"], "fid_reference": "coco/dog"},
+        selection={"weights": {"similarity": 1.0, "fid": 1.0}},
+    )
+    problems = problems_of(write_spec(tmp_path, spec))
+    assert any("selection.weights: 'fid' cannot be weighted" in p for p in problems)
+    spec["selection"] = {"weights": {"similarity": 1.0}}
+    assert problems_of(write_spec(tmp_path, spec)) == [
+        f"eval.fid_reference: folder {str(tmp_path / 'coco' / 'dog')!r} does not exist"
+    ]
+
+
+def test_default_weights_need_a_study_metric(tmp_path: Path) -> None:
+    spec = small_spec(tmp_path, eval={"metrics": ["clip_t", "in_domain"]})
+    [problem] = problems_of(write_spec(tmp_path, spec))
+    assert "cover none of eval.metrics ['clip_t', 'in_domain']; set selection.weights" in problem

@@ -41,7 +41,6 @@ from trainers.checkpoint import (
     staging_dir,
     steps_to_remove,
 )
-from trainers.data import load_rgb
 from trainers.memory import enable_gradient_checkpointing, make_optimizer, set_attention
 from trainers.methods import make_method
 from trainers.models import BaseModel, assemble_pipeline, load_base_model
@@ -260,7 +259,7 @@ def train_trial(config: TrialConfig, reporter: Reporter, *, accelerator: Acceler
             config.eval,
             token=method.subject_token,
             class_token=config.subject.class_token,
-            reference_images=[load_rgb(p) for p in config.image_files],
+            reference_files=config.image_files,
             resolution=train.resolution,
             device=device,
         )

@@ -1,0 +1,45 @@
+"""Per-image evaluation records of a trial (prompt, phrases, seed, per-image metrics), read back
+from MLflow for analysis, e.g. which style or lighting phrase lowers similarity."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from launch.tracking import RECORDS_DIR
+
+
+def load_records(client: MlflowClient, run_id: str) -> pd.DataFrame:
+    """Every evaluated step's records of one trial run, as one table with a `step` column."""
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(client.download_artifacts(run_id, RECORDS_DIR, scratch))
+        tables = []
+        for path in sorted(folder.glob("step_*.json")):
+            layout = json.loads(path.read_text(encoding="utf-8"))
+            tables.append(pd.DataFrame(layout["data"], columns=layout["columns"]))
+    if not tables:
+        raise LookupError(f"run {run_id} has no per-image records under {RECORDS_DIR}/")
+    return pd.concat(tables, ignore_index=True)
+
+
+def per_phrase_means(records: pd.DataFrame, metric: str, *, step: int) -> pd.DataFrame:
+    """Mean of `metric` at `step` for every (slot, phrase), as in the study's per-component
+    analysis: columns slot, phrase, mean, images."""
+    at_step = records[records["step"] == step]
+    rows = []
+    for column in (c for c in at_step.columns if c.startswith("phrase.")):
+        grouped = at_step.groupby(column)[metric].agg(["mean", "size"])
+        for phrase, values in grouped.iterrows():
+            rows.append(
+                {
+                    "slot": column.removeprefix("phrase."),
+                    "phrase": phrase,
+                    "mean": values["mean"],
+                    "images": int(values["size"]),
+                }
+            )
+    return pd.DataFrame(rows, columns=["slot", "phrase", "mean", "images"])
