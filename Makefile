@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # plain `torch` (asked for directly or by another package) pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install install-test quickstart test lint clean
+.PHONY: install install-test browser quickstart test lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,12 +28,19 @@ install-test: $(VENV)/.installed-test
 quickstart: install
 	$(VENV)/bin/dreamsweep run configs/quickstart.yaml
 	$(VENV)/bin/dreamsweep select configs/quickstart.yaml
+	$(VENV)/bin/dreamsweep report configs/quickstart.yaml
 
-test: install-test
+# The report's browser test drives Debian's Chromium (needs root to install, as CI has).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  apt-get install -y -q chromium chromium-driver || \
+	  (apt-get update -q && apt-get install -y -q chromium chromium-driver)
+
+test: install-test browser
 	$(PY) -m pytest
 
 lint: install-test
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache test-artifacts

@@ -11,7 +11,13 @@ from mlflow.tracking import MlflowClient
 
 from evaluation.evaluator import Evaluation
 from launch import events
-from launch.tracking import TAG_CHECKPOINT, TAG_SETUP_PREFIX, records_file
+from launch.tracking import (
+    TAG_CHECKPOINT,
+    TAG_EARLY_STOP_REASON,
+    TAG_EARLY_STOP_STEP,
+    TAG_SETUP_PREFIX,
+    records_file,
+)
 from trainers.loop import Reporter
 
 
@@ -75,6 +81,11 @@ class MlflowReporter:
         """The retention policy deleted it: its tag would point at nothing."""
         self.client.delete_tag(self.run_id, TAG_CHECKPOINT.format(step=step))
 
+    def on_early_stop(self, step: int, reason: str) -> None:
+        self.flush()
+        self.client.set_tag(self.run_id, TAG_EARLY_STOP_STEP, str(step))
+        self.client.set_tag(self.run_id, TAG_EARLY_STOP_REASON, reason)
+
     def on_finish(self) -> None:
         self.flush()
         self.client.set_terminated(self.run_id, "FINISHED")
@@ -97,6 +108,9 @@ class ProgressReporter:
 
     def on_checkpoint_removed(self, step: int) -> None:
         pass
+
+    def on_early_stop(self, step: int, reason: str) -> None:
+        events.emit("early_stop", step=step, reason=reason)
 
     def on_finish(self) -> None:
         events.emit("finish")
@@ -127,6 +141,10 @@ class Reporters:
     def on_checkpoint_removed(self, step: int) -> None:
         for reporter in self.reporters:
             reporter.on_checkpoint_removed(step)
+
+    def on_early_stop(self, step: int, reason: str) -> None:
+        for reporter in self.reporters:
+            reporter.on_early_stop(step, reason)
 
     def on_finish(self) -> None:
         for reporter in self.reporters:

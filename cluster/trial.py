@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.reporters import MlflowReporter, ProgressReporter, Reporters
     from launch.grid import TrialConfig
     from launch.tracking import TAG_ERROR, SweepTracking
+    from selection.stopping import early_stopper
     from trainers.loop import train_trial
 
     config = TrialConfig.model_validate_json(args.trial_json.read_text(encoding="utf-8"))
@@ -45,14 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     # processes Accelerate forms a gloo group only when asked to run on the CPU.
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     state = PartialState(cpu=distributed and not torch.cuda.is_available())
-    tracking = run_id = None
+    tracking = run_id = stopper = None
     reporter = Reporters()  # other ranks report nothing
     if state.is_main_process:
         tracking = SweepTracking(config.tracking_uri, config.experiment)
         run_id = tracking.trial_run(args.parent_run_id, config)
         reporter = Reporters(MlflowReporter(tracking.client, run_id), ProgressReporter())
+        # A resumed trial's stopper first reads what the run logged before the interruption.
+        history = tracking.evaluations(run_id, config.eval.metrics)
+        stopper = early_stopper(config.selection, config.eval.metrics, history)
     try:
-        train_trial(config, reporter, accelerator=make_accelerator(config.train))
+        accelerator = make_accelerator(config.train)
+        train_trial(config, reporter, accelerator=accelerator, stopper=stopper)
     except BaseException as err:
         if tracking is not None and run_id is not None:
             tracking.client.set_tag(run_id, TAG_ERROR, f"{type(err).__name__}: {err}"[:4000])

@@ -12,10 +12,10 @@ from rich.console import Console
 from rich.table import Table
 
 from launch.preflight import missing_packages
-from launch.spec import SpecError, SweepSpec, load_spec
+from launch.spec import SELECTABLE_METRICS, SpecError, SweepSpec, load_spec
 
 
-def _validate(spec: SweepSpec, console: Console) -> int:
+def _validate(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
     from launch.grid import expand_grid
 
     resolved = spec.model_dump(mode="json")
@@ -28,40 +28,91 @@ def _validate(spec: SweepSpec, console: Console) -> int:
     return 0
 
 
-def _run(spec: SweepSpec, console: Console) -> int:
+def _run(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
     from launch.local import run_local
 
     outcome = run_local(spec, console=console)
     return 1 if outcome.failed else 0
 
 
-def _select(spec: SweepSpec, console: Console) -> int:
+def parse_weights(text: str, spec: SweepSpec) -> dict[str, float]:
+    """`similarity=1,aesthetics=1,diversity=0.5` → weights; raises SpecError naming each problem."""
+    weights, problems = {}, []
+    measured = [m for m in spec.eval.metrics if m in SELECTABLE_METRICS]
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in measured:
+            problems.append(
+                f"--weights: {name!r} is not a measured, weightable metric; allowed: {measured}"
+            )
+            continue
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            problems.append(f"--weights: {item!r} must be METRIC=NUMBER")
+            continue
+        if weights[name] < 0:
+            problems.append(f"--weights: {name} must be >= 0, got {weights[name]}")
+        if name not in spec.selection.ranges:
+            problems.append(f"--weights: {name} has no range in selection.ranges")
+    if not problems and not any(weights.values()):
+        problems.append(f"--weights: at least one weight must be > 0, got {text!r}")
+    if problems:
+        raise SpecError("dreamsweep select", problems)
+    return weights
+
+
+def _select(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
     from selection.select import SelectionError, select_sweep
 
+    weights = None if args.weights is None else parse_weights(args.weights, spec)
     try:
-        selections = select_sweep(spec)
+        outcome = select_sweep(spec, weights=weights)
     except SelectionError as err:
-        console.print(f"[red]{err}[/]")
+        Console(stderr=True, soft_wrap=True).print(f"error: {err}", markup=False)
         return 1
-    weights = spec.selection_weights
+    weights = outcome.weights
     table = Table(title=f"Stop steps of sweep {spec.name} (weights {weights})")
     table.add_column("trial", no_wrap=True)
     table.add_column("best step", justify="right")
     table.add_column("score", justify="right")
+    table.add_column("collapse", justify="right")
     for metric in weights:
         table.add_column(metric, justify="right")
-    for s in selections:
+    for s in outcome.trials:
         table.add_row(
             s.label,
             str(s.best_step),
             f"{s.best_score:.3f}",
+            "-" if s.collapse is None else f"{s.collapse[1]} @ {s.collapse[0]}",
             *(f"{s.metrics[m]:.4f}" for m in weights),
         )
     console.print(table)
     console.print("Checkpoints at the best steps:")
-    for s in selections:
+    for s in outcome.trials:
         console.print(f"  {s.label}: {s.checkpoint or 'the base model (step 0)'}", markup=False)
+    if outcome.registered:
+        console.print("Registered best checkpoints (selection.registry.download_best loads them):")
+        for r in outcome.registered:
+            console.print(
+                f"  {r.uri} → version {r.version}: {r.candidate.label}, step {r.candidate.step}",
+                markup=False,
+            )
     console.print(f"Curves: mlflow ui --backend-store-uri {spec.tracking_uri} --host 127.0.0.1")
+    return 0
+
+
+def _report(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
+    from selection.report import ReportError, build_report
+
+    output = args.output or spec.resolved_output_dir / "report"
+    try:
+        page = build_report(spec, output)
+    except ReportError as err:
+        Console(stderr=True, soft_wrap=True).print(f"error: {err}", markup=False)
+        return 1
+    console.print(f"Report: {page} (with curves/*.png, trials.csv, best_steps.csv)", markup=False)
     return 0
 
 
@@ -69,6 +120,7 @@ COMMANDS = {
     "validate": (_validate, "check a spec and print it resolved, with its number of trials"),
     "run": (_run, "run every unfinished trial of a spec"),
     "select": (_select, "choose each trial's stop step from its curves in MLflow"),
+    "report": (_report, "write the study report: one self-contained HTML page, PNGs and CSVs"),
 }
 
 
@@ -106,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, (_, help_text) in COMMANDS.items():
         command = commands.add_parser(name, help=help_text)
         command.add_argument("spec", type=Path, help="sweep spec (YAML)")
+        if name == "report":
+            command.add_argument("--output", type=Path, help="folder (default OUTPUT_DIR/report)")
+        if name == "select":
+            command.add_argument(
+                "--weights",
+                help="override selection.weights, e.g. similarity=1,aesthetics=1,diversity=0.5",
+            )
     prompts = commands.add_parser("prompts", help="expand a prompt template to JSON lines")
     prompts.add_argument("template", help="a shipped template (portrait, object) or a YAML path")
     prompts.add_argument("--n", type=int, required=True, help="number of distinct prompts")
@@ -122,11 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         problems = missing_packages(spec)
         if problems:
             raise SpecError(str(args.spec), problems)
+        handler, _ = COMMANDS[args.command]
+        return handler(spec, console, args)
     except SpecError as err:
         Console(stderr=True).print(f"error: {err}", markup=False, highlight=False)
         return 2
-    handler, _ = COMMANDS[args.command]
-    return handler(spec, console)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from launch.spec import (
     EvalSpec,
     Method,
     MethodOptions,
+    SelectionSpec,
     SubjectSpec,
     SweepSpec,
     TrainSpec,
@@ -45,6 +46,8 @@ class TrialConfig(BaseModel):
     eval_every: int
     train: TrainSpec
     eval: EvalSpec
+    selection: SelectionSpec
+    """How stop steps are chosen; the trial reads it for early stopping only (not identity)."""
     image_files: list[Path]
     """The subject's first `num_images` files, in name order."""
     image_digest: str
@@ -66,9 +69,9 @@ class TrialConfig(BaseModel):
 
     @property
     def trial_id(self) -> str:
-        # Not identity: where things are, where they are logged, and settings that do not
-        # change the trajectory (other learning rates of the list, which checkpoints are kept).
-        # Prior-preservation settings matter only to a method that uses them.
+        # Not identity: where things are, where they are logged, how stop steps are chosen, and
+        # settings that do not change the trajectory (other learning rates of the list, which
+        # checkpoints are kept). Prior-preservation settings matter only to a method that uses them.
         unused = {"checkpoints"} if self.uses_prior else {"checkpoints", "prior"}
         identity = self.model_dump(
             mode="json",
@@ -80,6 +83,7 @@ class TrialConfig(BaseModel):
                 "train": unused,
                 "tracking_uri": True,
                 "experiment": True,
+                "selection": True,
             },
         )
         # Evaluation inputs count by content, like the subject's images, not by location.
@@ -147,6 +151,7 @@ def expand_grid(spec: SweepSpec) -> list[TrialConfig]:
                     eval_every=spec.grid.eval_every,
                     train=spec.train,
                     eval=spec.eval,
+                    selection=spec.selection,
                     image_files=chosen,
                     image_digest=_digest(chosen),
                     output_dir=Path("."),  # placeholder until the id is known

@@ -95,6 +95,13 @@ def _run_worker(
                     progress.start_task(task)
                 elif event["event"] == "step":
                     progress.update(task, completed=event["step"], loss=f"{event['loss']:.4f}")
+                elif event["event"] == "early_stop":
+                    progress.update(task, completed=trial.max_steps, loss="stopped early")
+                    progress.console.print(
+                        f"  {trial.label}: stopped early at step {event['step']}: "
+                        f"{event['reason']}",
+                        markup=False,
+                    )
             returncode = worker.wait()
     return TrialOutcome(trial, returncode, log_path, list(tail))
 

@@ -473,6 +473,24 @@ class EvalSpec(_Strict):
         return prompts * self.images_per_prompt
 
 
+class CollapseSpec(_Strict):
+    """When a curve is said to collapse: it falls from its running best by more than `threshold`
+    (in scaled units: a fraction of its min–max range)."""
+
+    metrics: list[Metric] = ["aesthetics", "diversity"]
+    """Curves watched (those of them that are measured): the study read training degeneration
+    from drops of aesthetics and diversity."""
+    threshold: float = Field(default=0.2, gt=0, le=1)
+    """Drop from the running best, as a fraction of the metric's range, that counts as collapse."""
+
+
+class EarlyStopSpec(_Strict):
+    """Stop a trial early (local and SLURM launchers; the trial counts as finished)."""
+
+    patience: int = Field(ge=1)
+    """Evaluations without a better weighted score, with a collapse detected, before stopping."""
+
+
 class SelectionSpec(_Strict):
     """How the stop step is chosen from the curves."""
 
@@ -480,6 +498,13 @@ class SelectionSpec(_Strict):
     """Weight of each metric in the score; unset means the study's weights for the measured ones."""
     ranges: dict[Metric, tuple[float, float]] = Field(default_factory=lambda: dict(STUDY_RANGES))
     """Min–max range per metric; values are scaled to [0, 1] over it and clipped."""
+    collapse: CollapseSpec = CollapseSpec()
+    """Collapse detection, reported beside the best step."""
+    early_stop: EarlyStopSpec | None = None
+    """Stop trials whose score stopped improving and whose curves collapsed; unset means never.
+    Not part of a trial's identity: a trial already finished is not resumed to go further."""
+    register_best: bool = True
+    """Register each subject × method's best checkpoint in the MLflow model registry."""
 
     @field_validator("ranges")
     @classmethod
@@ -488,6 +513,15 @@ class SelectionSpec(_Strict):
             if not low < high:
                 raise ValueError(f"range of {metric} must have min < max, got [{low}, {high}]")
         return ranges
+
+    def weights_for(self, measured: list[str]) -> dict[str, float]:
+        """The weights: the spec's, or the study's for the measured metrics."""
+        if self.weights is not None:
+            return dict(self.weights)
+        return {m: STUDY_WEIGHTS[m] for m in measured if m in STUDY_WEIGHTS}
+
+    def collapse_metrics(self, measured: list[str]) -> list[str]:
+        return [m for m in self.collapse.metrics if m in measured]
 
 
 class LocalLauncherSpec(_Strict):
@@ -605,9 +639,16 @@ class SweepSpec(_Strict):
                     f"train.deepspeed: methods {both} train the UNet and the text encoder, and "
                     "DeepSpeed trains one model per trial; set train_text_encoder: false"
                 )
-        missing_ranges = sorted(set(self.selection_weights) - set(self.selection.ranges) - {"fid"})
+        watched = {*self.selection_weights, *self.selection.collapse_metrics(self.eval.metrics)}
+        missing_ranges = sorted(watched - set(self.selection.ranges))
         if missing_ranges:
-            problems.append(f"selection.ranges: no range for measured metric(s) {missing_ranges}")
+            problems.append(
+                f"selection.ranges: no range for weighted or watched metric(s) {missing_ranges}"
+            )
+        if "fid" in self.selection.collapse.metrics:
+            problems.append(
+                "selection.collapse.metrics: 'fid' is lower-is-better; it cannot collapse"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -630,9 +671,7 @@ class SweepSpec(_Strict):
 
     @property
     def selection_weights(self) -> dict[str, float]:
-        if self.selection.weights is not None:
-            return dict(self.selection.weights)
-        return {m: STUDY_WEIGHTS[m] for m in self.eval.metrics if m in STUDY_WEIGHTS}
+        return self.selection.weights_for(self.eval.metrics)
 
 
 def subject_image_files(folder: Path) -> list[Path]:

@@ -21,6 +21,8 @@ TAG_TRIAL = "dreamsweep.trial_id"
 TAG_CHECKPOINT = "dreamsweep.checkpoint.step_{step:06d}"
 TAG_ERROR = "dreamsweep.error"
 TAG_SETUP_PREFIX = "dreamsweep.setup."  # what is really on: dtypes, optimizer, kernels
+TAG_EARLY_STOP_STEP = "dreamsweep.early_stop.step"
+TAG_EARLY_STOP_REASON = "dreamsweep.early_stop.reason"
 RECORDS_DIR = "records"  # per-image records, one JSON table per evaluated step
 
 
@@ -86,6 +88,24 @@ class SweepTracking:
             if trial_id:
                 by_trial[trial_id] = run
         return by_trial
+
+    def histories(self, run_id: str, metrics: list[str]) -> dict[str, dict[int, float]]:
+        """metric → step → value, as logged in the run (the newest value of a step wins)."""
+        histories: dict[str, dict[int, float]] = {}
+        for metric in metrics:
+            logged = sorted(
+                self.client.get_metric_history(run_id, metric), key=lambda m: m.timestamp
+            )
+            histories[metric] = {m.step: m.value for m in logged}
+        return histories
+
+    def evaluations(self, run_id: str, metrics: list[str]) -> dict[int, dict[str, float]]:
+        """step → metric → value for every evaluated step the run has logged."""
+        evaluations: dict[int, dict[str, float]] = {}
+        for metric, history in self.histories(run_id, metrics).items():
+            for step, value in history.items():
+                evaluations.setdefault(step, {})[metric] = value
+        return evaluations
 
     def finished_trials(self, parent_run_id: str) -> set[str]:
         return {

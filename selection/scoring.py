@@ -44,3 +44,32 @@ def best_step(scores: Mapping[int, float]) -> tuple[int, float]:
         raise ValueError("no evaluated step to choose from")
     step = min(scores, key=lambda s: (-scores[s], s))
     return step, scores[step]
+
+
+def collapse_step(
+    history: History, value_range: tuple[float, float], threshold: float
+) -> int | None:
+    """The first step whose scaled value lies more than `threshold` below the running best of
+    the steps before it (the curve has collapsed there); None if it never does."""
+    running_best = float("-inf")
+    for step in sorted(history):
+        scaled = min_max_scale(history[step], *value_range)
+        if scaled < running_best - threshold:
+            return step
+        running_best = max(running_best, scaled)
+    return None
+
+
+def first_collapse(
+    histories: Mapping[str, History],
+    metrics: list[str],
+    ranges: Mapping[str, tuple[float, float]],
+    threshold: float,
+) -> tuple[int, str] | None:
+    """The earliest collapse over `metrics`: (step, metric), or None."""
+    found = [
+        (step, metric)
+        for metric in metrics
+        if (step := collapse_step(histories.get(metric, {}), ranges[metric], threshold)) is not None
+    ]
+    return min(found) if found else None

@@ -1,67 +1,116 @@
-"""`dreamsweep select`: read each trial's curves from MLflow, choose its stop step, log it."""
+"""`dreamsweep select`: read each trial's curves from MLflow, choose its stop step, detect
+collapse, log both, and register each subject × method's best checkpoint."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from launch.spec import SweepSpec
-from launch.tracking import TAG_CHECKPOINT, SweepTracking
-from selection.scoring import best_step, weighted_scores
+from launch.tracking import TAG_CHECKPOINT, TAG_TRIAL, SweepTracking
+from selection.registry import Candidate, Registered, register_best
+from selection.scoring import best_step, first_collapse, weighted_scores
+
+TAG_BEST_CHECKPOINT = "dreamsweep.best_checkpoint"
+TAG_COLLAPSE = "dreamsweep.collapse"
 
 
 @dataclass
 class TrialSelection:
     run_id: str
     label: str
+    subject: str
+    method: str
+    num_images: int
     best_step: int
     best_score: float
     metrics: dict[str, float]
     """Every weighted metric's value at the best step."""
     checkpoint: str | None
     """The checkpoint saved at the best step (None at step 0: that is the base model)."""
+    collapse: tuple[int, str] | None = None
+    """(step, metric) where a watched curve first collapsed, or None."""
+    scores: dict[int, float] = field(default_factory=dict)
+    """The weighted score at every evaluated step."""
+
+
+@dataclass
+class SweepSelection:
+    trials: list[TrialSelection]
+    registered: list[Registered]
+    weights: dict[str, float]
 
 
 class SelectionError(RuntimeError):
     pass
 
 
-def select_sweep(spec: SweepSpec) -> list[TrialSelection]:
-    """Choose every trial's stop step with the spec's weights and ranges; log it to its run."""
+def select_sweep(spec: SweepSpec, *, weights: dict[str, float] | None = None) -> SweepSelection:
+    """Choose every trial's stop step with the spec's (or the given) weights and ranges; log it
+    to its run and register the best checkpoints."""
     tracking = SweepTracking(spec.tracking_uri, spec.experiment_name)
     parent = tracking.find_parent_run(spec.name)
     if parent is None:
         raise SelectionError(
             f"sweep {spec.name!r} has no runs in {spec.tracking_uri}: run `dreamsweep run` first"
         )
-    weights = spec.selection_weights
+    weights = dict(weights) if weights is not None else spec.selection_weights
     ranges = dict(spec.selection.ranges)
+    watched = spec.selection.collapse_metrics(spec.eval.metrics)
     client = tracking.client
-    selections = []
+    selections, candidates = [], []
     runs = tracking.trial_runs(parent.info.run_id).values()
     for run in sorted(runs, key=lambda r: r.info.run_name or ""):
         run_id = run.info.run_id
-        histories = {
-            metric: {m.step: m.value for m in client.get_metric_history(run_id, metric)}
-            for metric in weights
-        }
+        histories = tracking.histories(run_id, sorted({*weights, *watched}))
         scores = weighted_scores(histories, weights, ranges)
         if not scores:
             continue  # a trial that never evaluated (it failed early) has nothing to choose
         step, score = best_step(scores)
+        collapse = first_collapse(histories, watched, ranges, spec.selection.collapse.threshold)
         checkpoint = run.data.tags.get(TAG_CHECKPOINT.format(step=step))
         client.log_metric(run_id, "best_step", step)
         client.log_metric(run_id, "best_score", score)
         client.set_tag(run_id, "dreamsweep.selection_weights", json.dumps(weights, sort_keys=True))
-        client.set_tag(run_id, "dreamsweep.best_checkpoint", checkpoint or "base model (step 0)")
-        selections.append(
-            TrialSelection(
-                run_id=run_id,
-                label=run.info.run_name or run_id,
-                best_step=step,
-                best_score=score,
-                metrics={metric: histories[metric][step] for metric in weights},
-                checkpoint=checkpoint,
-            )
+        client.set_tag(run_id, TAG_BEST_CHECKPOINT, checkpoint or "base model (step 0)")
+        if collapse is not None:
+            client.log_metric(run_id, "collapse_step", collapse[0])
+            client.set_tag(run_id, TAG_COLLAPSE, f"{collapse[1]} at step {collapse[0]}")
+        else:
+            client.set_tag(run_id, TAG_COLLAPSE, "none")
+        selection = TrialSelection(
+            run_id=run_id,
+            label=run.info.run_name or run_id,
+            subject=run.data.params["subject"],
+            method=run.data.params["method"],
+            num_images=int(run.data.params["num_images"]),
+            best_step=step,
+            best_score=score,
+            metrics={metric: histories[metric][step] for metric in weights},
+            checkpoint=checkpoint,
+            collapse=collapse,
+            scores=scores,
         )
-    return selections
+        selections.append(selection)
+        if checkpoint is not None:
+            candidates.append(
+                Candidate(
+                    run_id=run_id,
+                    trial_id=run.data.tags[TAG_TRIAL],
+                    label=selection.label,
+                    subject=selection.subject,
+                    method=selection.method,
+                    step=step,
+                    score=score,
+                    checkpoint=checkpoint,
+                )
+            )
+    if not selections:
+        raise SelectionError(
+            f"no trial of sweep {spec.name!r} has evaluated steps with the weighted metrics "
+            f"{sorted(weights)}: did every trial fail? See `dreamsweep run`'s output"
+        )
+    registered = []
+    if spec.selection.register_best:
+        registered = register_best(client, spec.name, candidates, weights=weights)
+    return SweepSelection(trials=selections, registered=registered, weights=weights)

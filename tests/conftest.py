@@ -108,7 +108,7 @@ def kill_when_ready(marker: Path, cmdline_part: str, timeout: float = 600) -> th
     return thread
 
 
-def run_trial(trial, reporter) -> None:
+def run_trial(trial, reporter, *, stopper=None) -> None:
     """Train a trial in this process under the Accelerator its worker would make.
 
     Accelerate keeps one process-wide state; tests train trials with different precisions and
@@ -120,7 +120,7 @@ def run_trial(trial, reporter) -> None:
     from trainers.loop import train_trial
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    train_trial(trial, reporter, accelerator=make_accelerator(trial.train))
+    train_trial(trial, reporter, accelerator=make_accelerator(trial.train), stopper=stopper)
 
 
 class Recorder:
@@ -154,6 +154,9 @@ class Recorder:
 
     def on_checkpoint_removed(self, step: int) -> None:
         self.removed.append(step)
+
+    def on_early_stop(self, step: int, reason: str) -> None:
+        self.early_stop = (step, reason)
 
     def on_finish(self) -> None:
         pass

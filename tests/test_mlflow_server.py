@@ -16,6 +16,8 @@ import pytest
 from conftest import REPO, dreamsweep, small_spec, write_spec
 from mlflow.tracking import MlflowClient
 
+from selection.registry import Candidate, download_best, register_best
+
 pytestmark = pytest.mark.slow
 
 
@@ -89,6 +91,21 @@ def test_sweep_logs_over_http(tmp_path: Path, server: tuple[str, Path]) -> None:
         4,
     ]
     assert "best_step" in trial.data.metrics
+    # A checkpoint registers through the server, and `@best` downloads from it.
+    candidate = Candidate(
+        run_id=trial.info.run_id,
+        trial_id=trial.data.tags["dreamsweep.trial_id"],
+        label=trial.info.run_name,
+        subject="robot",
+        method="lora",
+        step=4,
+        score=0.5,
+        checkpoint=trial.data.tags["dreamsweep.checkpoint.step_000004"],
+    )
+    [registered] = register_best(client, "http", [candidate], weights={"similarity": 1.0})
+    assert registered.name == "http.robot.lora"
+    folder = download_best(registered.name, tracking_uri=uri, destination=tmp_path / "best")
+    assert (folder / "pytorch_lora_weights.safetensors").is_file()
     # Artifacts went through the server into its store, not onto the client's disk.
     stored = sorted(p.name for p in (store / "artifacts").rglob("step_*.png"))
     assert stored == ["step_000000.png", "step_000002.png", "step_000004.png"]

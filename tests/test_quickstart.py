@@ -3,6 +3,8 @@ the three methods side by side on the quickstart subjects."""
 
 from __future__ import annotations
 
+import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -13,8 +15,10 @@ from conftest import REPO, dreamsweep
 from diffusers import StableDiffusionPipeline
 from mlflow.tracking import MlflowClient
 
-from launch.tracking import TAG_SETUP_PREFIX, TAG_TRIAL
+from launch.tracking import TAG_SETUP_PREFIX, TAG_TRIAL, SweepTracking
 from selection.records import load_records, per_phrase_means
+from selection.registry import download_best
+from selection.report import fit_steps_per_image
 from trainers.methods import load_trained_pipeline
 from trainers.models import resolve_model_source
 
@@ -185,3 +189,161 @@ def test_each_methods_checkpoint_loads_into_a_pipeline_and_generates(quickstart:
         base_token = class_token if method == "textual_inversion" else "sks"
         before = generate(base, f"a photo of {base_token} {class_token}")
         assert np.abs(image - before).max() > 1e-3, (method, subject)
+
+
+def test_the_best_checkpoint_of_each_subject_and_method_is_registered_and_loads(
+    quickstart: dict, tmp_path: Path
+) -> None:
+    client: MlflowClient = quickstart["client"]
+    uri = client.tracking_uri
+    trials = {r.info.run_id: r for r in quickstart["runs"] if r.data.tags.get(TAG_TRIAL)}
+    for subject in ("mug", "robot"):
+        for method in METHOD_FILES:
+            name = f"quickstart.{subject}.{method}"
+            version = client.get_model_version_by_alias(name, "best")
+            run = client.get_run(version.run_id)
+            assert version.run_id in trials
+            assert (run.data.params["subject"], run.data.params["method"]) == (subject, method)
+            # The alias points at the best-scoring trial of the group, at its best step.
+            group = [
+                client.get_run(r)
+                for r, t in trials.items()
+                if (t.data.params["subject"], t.data.params["method"]) == (subject, method)
+            ]
+            assert run.data.metrics["best_score"] == max(
+                g.data.metrics["best_score"] for g in group
+            )
+            assert version.tags["step"] == str(int(run.data.metrics["best_step"]))
+            folder = download_best(name, tracking_uri=uri, destination=tmp_path / name)
+            assert (folder / METHOD_FILES[method]).is_file()
+            pipeline = load_trained_pipeline("tiny", method, folder)
+            token = f"<{subject}>" if method == "textual_inversion" else "sks"
+            image = generate(pipeline, f"a photo of {token} thing")
+            assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def test_select_with_other_weights_moves_the_alias_and_records_them(quickstart: dict) -> None:
+    client: MlflowClient = quickstart["client"]
+    name = "quickstart.robot.lora"
+    before = client.get_model_version_by_alias(name, "best")
+    root, spec = quickstart["root"], quickstart["spec"]
+    bad = dreamsweep("select", spec, "--weights", "similarity=1,fid=2,sharpness=1", cwd=root)
+    assert bad.returncode == 2
+    assert "--weights: 'fid' is not a measured, weightable metric" in bad.stderr
+    assert "--weights: 'sharpness' is not a measured" in bad.stderr
+
+    # Diversity alone: its best steps differ from the study weights' on the quickstart curves.
+    again = dreamsweep("select", spec, "--weights", "diversity=1", cwd=root)
+    assert again.returncode == 0, again.stderr
+    model = client.get_registered_model(name)
+    assert json.loads(model.tags["dreamsweep.selection_weights"]) == {"diversity": 1.0}
+    after = client.get_model_version_by_alias(name, "best")
+    run = client.get_run(after.run_id)
+    assert after.tags["step"] == str(int(run.data.metrics["best_step"]))
+    assert json.loads(after.tags["dreamsweep.selection_weights"]) == {"diversity": 1.0}
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert len({(v.tags["trial_id"], v.tags["step"]) for v in versions}) == len(versions)
+    # Back to the spec's weights: the first version is reused, not registered again.
+    restored = dreamsweep("select", spec, cwd=root)
+    assert restored.returncode == 0, restored.stderr
+    assert client.get_model_version_by_alias(name, "best").version == before.version
+
+
+def headless_chromium(profile: Path):
+    """Debian's Chromium under chromedriver, offline: no background connections."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1300,2200",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+
+
+def python_best_steps(quickstart: dict, weights: dict[str, float]) -> dict[str, int]:
+    """Each trial's best step for `weights`, computed here from MLflow (not by the page)."""
+    from launch.spec import load_spec
+    from selection.scoring import best_step, weighted_scores
+
+    spec = load_spec(quickstart["root"] / quickstart["spec"])
+    tracking = SweepTracking(spec.tracking_uri, spec.experiment_name)
+    best = {}
+    for run in quickstart["runs"]:
+        if run.data.tags.get(TAG_TRIAL):
+            histories = tracking.histories(run.info.run_id, list(weights))
+            scores = weighted_scores(histories, weights, spec.selection.ranges)
+            best[run.info.run_name] = best_step(scores)[0]
+    return best
+
+
+def test_report_is_self_contained_and_recomputes_best_steps_when_a_slider_moves(
+    quickstart: dict, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    folder = tmp_path / "report"
+    result = dreamsweep(
+        "report", quickstart["spec"], "--output", str(folder), cwd=quickstart["root"]
+    )
+    assert result.returncode == 0, result.stderr
+    page = folder / "report.html"
+    html = page.read_text(encoding="utf-8")
+    assert "<script src" not in html and "<link" not in html  # nothing fetched: offline
+    assert len(list((folder / "curves").glob("*.png"))) == 12
+    with (folder / "best_steps.csv").open(encoding="utf-8") as handle:
+        written = {row["trial"]: int(row["best_step"]) for row in csv.DictReader(handle)}
+    study = {"similarity": 1.0, "aesthetics": 1.0, "diversity": 0.5}
+    assert written == python_best_steps(quickstart, study)
+
+    driver = headless_chromium(tmp_path / "chromium-profile")
+    try:
+        driver.get(page.as_uri())
+        rows = driver.find_elements(By.CSS_SELECTOR, "#best-table tr")[1:]
+        labels = [row.find_elements(By.TAG_NAME, "td")[0].text for row in rows]
+
+        def shown() -> dict[str, int]:
+            steps = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "span.best")]
+            return {label: int(step) for label, step in zip(labels, steps, strict=True)}
+
+        assert shown() == written  # the page's JavaScript agrees with Python
+        for metric, key in (("similarity", Keys.HOME), ("aesthetics", Keys.HOME)):
+            slider = driver.find_element(By.ID, f"weight-{metric}")
+            slider.click()
+            slider.send_keys(key)  # to 0: only diversity is left
+        assert driver.find_element(By.ID, "value-similarity").text == "0.0"
+        moved = shown()
+        assert moved == python_best_steps(quickstart, {"diversity": 0.5})
+        assert moved != written
+        # The fit follows the sliders: k per class token = Σ n·s / Σ n² of the shown best steps.
+        fits = {
+            row.find_elements(By.TAG_NAME, "td")[0].text: row.find_element(By.CLASS_NAME, "k").text
+            for row in driver.find_elements(By.CSS_SELECTOR, "#fit-table tr")[1:]
+        }
+        trials = [r for r in quickstart["runs"] if r.data.tags.get(TAG_TRIAL)]
+        for class_token in ("cup", "toy"):
+            points = [
+                (int(r.data.params["num_images"]), moved[r.info.run_name])
+                for r in trials
+                if r.data.params["class_token"] == class_token
+            ]
+            assert fits[class_token] == f"{fit_steps_per_image(points):.1f}"
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert errors == []
+        artifacts = REPO / "test-artifacts"
+        artifacts.mkdir(exist_ok=True)
+        assert driver.save_screenshot(str(artifacts / "report.png"))
+    finally:
+        driver.quit()

@@ -52,3 +52,32 @@ def test_nothing_to_choose_is_an_error() -> None:
         best_step({})
     with pytest.raises(ValueError, match="weight must be > 0"):
         weighted_scores({}, {"similarity": 0.0}, STUDY_RANGES)
+
+
+def test_collapse_is_the_first_drop_beyond_the_threshold_from_the_running_best() -> None:
+    from selection.scoring import collapse_step, first_collapse
+
+    diversity = rise_then_collapse()["diversity"]  # scaled: 1.0 to 500, then -0.2 per 100
+    assert collapse_step(diversity, STUDY_RANGES["diversity"], threshold=0.3) == 700
+    assert collapse_step(diversity, STUDY_RANGES["diversity"], threshold=0.1) == 600
+    assert collapse_step(diversity, STUDY_RANGES["diversity"], threshold=0.25) == 700
+    assert collapse_step(diversity, STUDY_RANGES["diversity"], threshold=1.0) is None
+    # Rises and plateaus never collapse; a dip that is regained still counts where it happened.
+    assert collapse_step({0: 0.3, 1: 0.5, 2: 0.5}, (0.0, 1.0), threshold=0.1) is None
+    assert collapse_step({0: 0.5, 1: 0.2, 2: 0.6}, (0.0, 1.0), threshold=0.1) == 1
+    histories = {**rise_then_collapse(), "aesthetics": {0: 0.7, 100: 0.3, 200: 0.3}}
+    assert first_collapse(histories, ["aesthetics", "diversity"], STUDY_RANGES, 0.3) == (
+        100,
+        "aesthetics",
+    )
+    assert first_collapse(histories, ["similarity"], STUDY_RANGES, 0.3) is None
+
+
+def test_steps_per_image_fit_is_least_squares_through_the_origin() -> None:
+    from selection.report import fit_steps_per_image
+
+    # The study's finding for men: about 120 steps per image.
+    assert fit_steps_per_image([(2, 240), (4, 480), (8, 960)]) == pytest.approx(120.0)
+    # minimise Σ (s − k n)²  →  k = Σ n s / Σ n² = (100 + 600) / (1 + 4) = 140.
+    assert fit_steps_per_image([(1, 100), (2, 300)]) == pytest.approx(140.0)
+    assert fit_steps_per_image([]) is None

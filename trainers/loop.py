@@ -11,7 +11,7 @@ the `Accelerator` its caller made (`cluster.accelerator.make_accelerator`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
@@ -61,7 +61,12 @@ class Reporter(Protocol):
     def on_evaluation(self, step: int, evaluation: Evaluation) -> None: ...
     def on_checkpoint(self, step: int, path: Path) -> None: ...
     def on_checkpoint_removed(self, step: int) -> None: ...
+    def on_early_stop(self, step: int, reason: str) -> None: ...
     def on_finish(self) -> None: ...
+
+
+Stopper = Callable[[int, dict[str, float]], str | None]
+"""After each evaluation: (step, metrics) → why the trial should stop now, or None."""
 
 
 def checkpoints_root(config: TrialConfig) -> Path:
@@ -126,8 +131,15 @@ def describe_setup(
     return setup
 
 
-def train_trial(config: TrialConfig, reporter: Reporter, *, accelerator: Accelerator) -> None:
-    """Train one trajectory to `max_steps`, evaluating and checkpointing on the step grid."""
+def train_trial(
+    config: TrialConfig,
+    reporter: Reporter,
+    *,
+    accelerator: Accelerator,
+    stopper: Stopper | None = None,
+) -> None:
+    """Train one trajectory to `max_steps`, evaluating and checkpointing on the step grid;
+    `stopper` may end it at an evaluated step (early stopping)."""
     train = config.train
     device = accelerator.device
     frozen_dtype = PRECISION[train.mixed_precision]
@@ -266,7 +278,9 @@ def train_trial(config: TrialConfig, reporter: Reporter, *, accelerator: Acceler
         setup = describe_setup(model, optimizer, [name for name, _ in offloaded])
         reporter.on_start(start_step=start_step, max_steps=config.max_steps, setup=setup)
 
-    def evaluate(step: int) -> None:
+    def evaluate(step: int) -> dict[str, float]:
+        """Evaluate (main process) and return the metrics; other processes get {}."""
+        metrics: dict[str, float] = {}
         if evaluator is not None:
             pipeline = assemble_pipeline(
                 model, make_sampler(config.eval.scheduler, model.noise_scheduler.config)
@@ -275,10 +289,13 @@ def train_trial(config: TrialConfig, reporter: Reporter, *, accelerator: Acceler
                 module.eval()
             on_accelerator = on_device([module for _, module in offloaded], device)
             with on_accelerator, torch.no_grad(), accelerator.autocast():
-                reporter.on_evaluation(step, evaluator(pipeline))
+                evaluation = evaluator(pipeline)
+            reporter.on_evaluation(step, evaluation)
+            metrics = evaluation.metrics
             for name in trained:
                 modules[name].train()
         accelerator.wait_for_everyone()
+        return metrics
 
     def save(step: int) -> None:
         """Stage every rank's part, then the main process publishes the step atomically."""
@@ -325,7 +342,9 @@ def train_trial(config: TrialConfig, reporter: Reporter, *, accelerator: Acceler
                         path.unlink()
 
     if start_step == 0:
-        evaluate(0)  # the base model's value: the baseline each curve starts from
+        baseline = evaluate(0)  # the base model's value: the baseline each curve starts from
+        if stopper is not None and accelerator.is_main_process:
+            stopper(0, baseline)
 
     # Each optimizer step draws its whole effective batch (micro-batches × processes × batch)
     # at once, so gradient accumulation and data parallelism see the same examples as one big
@@ -400,10 +419,19 @@ def train_trial(config: TrialConfig, reporter: Reporter, *, accelerator: Acceler
         mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
         if accelerator.is_main_process:
             reporter.on_train_step(step, loss=mean_loss, lr=lr_scheduler.get_last_lr()[0])
-        if step % config.eval_every == 0:
-            evaluate(step)
+        metrics = evaluate(step) if step % config.eval_every == 0 else None
         if step in checkpoint_steps:
             save(step)
+        if metrics is not None and stopper is not None:
+            # The main process decides; the trigger reaches every process, so all stop together
+            # (after the checkpoint of this step, which every evaluated step has).
+            reason = stopper(step, metrics) if accelerator.is_main_process else None
+            if reason is not None:
+                accelerator.set_trigger()
+            if accelerator.check_trigger():
+                if accelerator.is_main_process:
+                    reporter.on_early_stop(step, reason)
+                break
 
     if accelerator.is_main_process:
         reporter.on_finish()

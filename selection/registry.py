@@ -1,0 +1,117 @@
+"""The best checkpoint of each subject × method, registered in the MLflow model registry.
+
+One registered model per subject and method (`<sweep>.<subject>.<method>`); each trial's best
+step becomes a version (tagged with the trial, step, score and weights), and the alias `best`
+points at the highest-scoring one, so `models:/<name>@best` downloads its checkpoint folder.
+Re-running selection with other weights adds versions where the choice changed and moves the
+alias; a (trial, step) already registered is reused, not registered twice.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+import mlflow
+
+BEST_ALIAS = "best"
+TAG_WEIGHTS = "dreamsweep.selection_weights"
+
+
+def registered_name(sweep: str, subject: str, method: str) -> str:
+    return f"{sweep}.{subject}.{method}"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A trial's chosen checkpoint, as offered to the registry."""
+
+    run_id: str
+    trial_id: str
+    label: str
+    subject: str
+    method: str
+    step: int
+    score: float
+    checkpoint: str
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    version: str
+    candidate: Candidate
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}@{BEST_ALIAS}"
+
+
+def _ensure_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(
+            name, description="Best checkpoints chosen by dreamsweep select"
+        )
+
+
+def _version_for(client: MlflowClient, name: str, candidate: Candidate) -> str:
+    """The version holding this (trial, step), created if there is none yet."""
+    for version in client.search_model_versions(f"name = '{name}'"):
+        tags = version.tags
+        if tags.get("trial_id") == candidate.trial_id and tags.get("step") == str(candidate.step):
+            return version.version
+    tags = {
+        "trial_id": candidate.trial_id,
+        "trial": candidate.label,
+        "step": str(candidate.step),
+        "score": f"{candidate.score:.6f}",
+    }
+    version = client.create_model_version(
+        name,
+        source=Path(candidate.checkpoint).resolve().as_uri(),
+        run_id=candidate.run_id,
+        tags=tags,
+    )
+    return version.version
+
+
+def register_best(
+    client: MlflowClient, sweep: str, candidates: list[Candidate], *, weights: dict[str, float]
+) -> list[Registered]:
+    """Register each subject × method's best candidate and point its `best` alias at it."""
+    groups: dict[tuple[str, str], list[Candidate]] = {}
+    for candidate in candidates:
+        groups.setdefault((candidate.subject, candidate.method), []).append(candidate)
+    registered = []
+    for (subject, method), group in sorted(groups.items()):
+        winner = min(group, key=lambda c: (-c.score, c.label))
+        name = registered_name(sweep, subject, method)
+        _ensure_model(client, name)
+        version = _version_for(client, name, winner)
+        client.set_model_version_tag(
+            name, version, TAG_WEIGHTS, json.dumps(weights, sort_keys=True)
+        )
+        client.set_registered_model_alias(name, BEST_ALIAS, version)
+        client.set_registered_model_tag(name, TAG_WEIGHTS, json.dumps(weights, sort_keys=True))
+        registered.append(Registered(name=name, version=version, candidate=winner))
+    return registered
+
+
+def download_best(name: str, *, tracking_uri: str, destination: Path) -> Path:
+    """The checkpoint folder behind `models:/<name>@best`, downloaded to `destination`."""
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    version = client.get_model_version_by_alias(name, BEST_ALIAS)
+    # Resolved through this client: `models:/` URIs given to download_artifacts are looked up
+    # in the process-wide registry, not in `tracking_uri`.
+    source = client.get_model_version_download_uri(name, version.version)
+    destination.mkdir(parents=True, exist_ok=True)
+    path = mlflow.artifacts.download_artifacts(
+        artifact_uri=source, dst_path=str(destination), tracking_uri=tracking_uri
+    )
+    return Path(path)
