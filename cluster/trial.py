@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
+
+from cluster.signals import REQUEUE_EXIT, SCHEDULER_SIGNALS
 
 
 def _quiet_libraries() -> None:
@@ -37,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.accelerator import make_accelerator
     from cluster.reporters import MlflowReporter, ProgressReporter, Reporters
     from launch.grid import TrialConfig
-    from launch.tracking import TAG_ERROR, SweepTracking
+    from launch.tracking import TAG_ERROR, TAG_PAUSED, SweepTracking
     from selection.stopping import early_stopper
-    from trainers.loop import train_trial
+    from trainers.loop import TrialPaused, train_trial
 
     config = TrialConfig.model_validate_json(args.trial_json.read_text(encoding="utf-8"))
     # The process group comes from the launcher's environment (torchrun, SLURM); across CPU
@@ -51,13 +55,30 @@ def main(argv: list[str] | None = None) -> int:
     if state.is_main_process:
         tracking = SweepTracking(config.tracking_uri, config.experiment)
         run_id = tracking.trial_run(args.parent_run_id, config)
-        reporter = Reporters(MlflowReporter(tracking.client, run_id), ProgressReporter())
+        mlflow_reporter = MlflowReporter(tracking.client, run_id)
+        reporter = Reporters(mlflow_reporter, ProgressReporter())
         # A resumed trial's stopper first reads what the run logged before the interruption.
         history = tracking.evaluations(run_id, config.eval.metrics)
         stopper = early_stopper(config.selection, config.eval.metrics, history)
+    # SLURM's time-limit or preemption signal, forwarded by the job (cluster/slurm.py).
+    pause_requested = threading.Event()
+    for scheduler_signal in SCHEDULER_SIGNALS:
+        signal.signal(scheduler_signal, lambda *_: pause_requested.set())
     try:
         accelerator = make_accelerator(config.train)
-        train_trial(config, reporter, accelerator=accelerator, stopper=stopper)
+        train_trial(
+            config,
+            reporter,
+            accelerator=accelerator,
+            stopper=stopper,
+            should_pause=pause_requested.is_set,
+        )
+    except TrialPaused as paused:
+        if tracking is not None and run_id is not None:
+            tracking.client.set_tag(run_id, TAG_PAUSED, str(paused.step))
+            mlflow_reporter.flush()
+            tracking.client.set_terminated(run_id, "KILLED")
+        return REQUEUE_EXIT
     except BaseException as err:
         if tracking is not None and run_id is not None:
             tracking.client.set_tag(run_id, TAG_ERROR, f"{type(err).__name__}: {err}"[:4000])

@@ -67,7 +67,7 @@ def build_tiny_clip(directory: Path) -> None:
 
 def resolve_clip_source(name: str) -> str:
     """`tiny` → its cached folder (built on first use); a hub id or folder is passed through."""
-    return str(build_once(TINY_CLIP_NAME, build_tiny_clip)) if name == TINY else name
+    return str(build_once(TINY_CLIP_NAME, build_tiny_clip, isolate=True)) if name == TINY else name
 
 
 class Clip:

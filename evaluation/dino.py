@@ -43,7 +43,9 @@ class Dino:
     """Images → DINO class-token embeddings `[N, D]` (float32, on the CPU)."""
 
     def __init__(self, name: str, *, device: torch.device | str = "cpu") -> None:
-        self.source = str(build_once(TINY_DINO_NAME, build_tiny_dino)) if name == TINY else name
+        self.source = (
+            str(build_once(TINY_DINO_NAME, build_tiny_dino, isolate=True)) if name == TINY else name
+        )
         self.device = torch.device(device)
         # DINO checkpoints have no pooler: the class token is the embedding.
         self.model = ViTModel.from_pretrained(self.source, add_pooling_layer=False)

@@ -11,7 +11,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from launch.preflight import missing_packages
+from launch.preflight import missing_packages, tracking_warnings
 from launch.spec import SELECTABLE_METRICS, SpecError, SweepSpec, load_spec
 
 
@@ -30,6 +30,16 @@ def _validate(spec: SweepSpec, console: Console, args: argparse.Namespace) -> in
 
 def _run(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
     from launch.local import run_local
+
+    if spec.launcher.kind == "slurm":
+        from launch.slurm import SlurmError, submit_slurm
+
+        try:
+            submit_slurm(spec, console=console)
+        except SlurmError as err:
+            Console(stderr=True, soft_wrap=True).print(f"error: {err}", markup=False)
+            return 1
+        return 0
 
     outcome = run_local(spec, console=console)
     return 1 if outcome.failed else 0
@@ -116,10 +126,34 @@ def _report(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
+    from launch.slurm import sweep_status
+
+    table = Table(title=f"Sweep {spec.name}")
+    for column in ("trial", "job", "state", "last step", "metrics", "logs"):
+        table.add_column(column, overflow="fold")
+    for status in sweep_status(spec):
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(status.metrics.items()))
+        last = "-" if status.last_step is None else str(status.last_step)
+        table.add_row(status.label, status.job_id or "-", status.state, last, metrics, status.logs)
+    console.print(table)
+    return 0
+
+
+def _cancel(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
+    from launch.slurm import cancel_sweep
+
+    cancelled = cancel_sweep(spec)
+    console.print(f"Cancelled {len(cancelled)} job(s): {' '.join(cancelled) or '-'}")
+    return 0
+
+
 COMMANDS = {
     "validate": (_validate, "check a spec and print it resolved, with its number of trials"),
     "run": (_run, "run every unfinished trial of a spec"),
     "select": (_select, "choose each trial's stop step from its curves in MLflow"),
+    "status": (_status, "each trial's SLURM state, last step and metrics (slurm launcher)"),
+    "cancel": (_cancel, "cancel the sweep's queued and running SLURM jobs"),
     "report": (_report, "write the study report: one self-contained HTML page, PNGs and CSVs"),
 }
 
@@ -181,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         problems = missing_packages(spec)
         if problems:
             raise SpecError(str(args.spec), problems)
+        if args.command in ("validate", "run"):
+            for warning in tracking_warnings(spec):
+                Console(stderr=True, soft_wrap=True).print(f"warning: {warning}", markup=False)
         handler, _ = COMMANDS[args.command]
         return handler(spec, console, args)
     except SpecError as err:

@@ -66,12 +66,38 @@ def worker_command(trial_json: Path, parent_run_id: str, processes: int) -> list
     return [*torchrun, "--nproc_per_node", str(processes), *entry]
 
 
-def _run_worker(
-    trial: TrialConfig, parent_run_id: str, processes: int, progress: Progress, task: TaskID
-) -> TrialOutcome:
+def write_trial_json(trial: TrialConfig) -> Path:
+    """The trial's config, where its worker (on any machine that shares the folder) reads it."""
     trial.output_dir.mkdir(parents=True, exist_ok=True)
     trial_json = trial.output_dir / "trial.json"
     trial_json.write_text(trial.model_dump_json(indent=2), encoding="utf-8")
+    return trial_json
+
+
+def prepare_sweep(
+    spec: SweepSpec,
+) -> tuple[list[TrialConfig], SweepTracking, str, list[TrialConfig], list[TrialConfig]]:
+    """Every launcher's start: the trials, the sweep's parent run, and which trials are done
+    (FINISHED in MLflow) or still to run."""
+    trials = expand_grid(spec)
+    output_dir = spec.resolved_output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tracking = SweepTracking(
+        spec.tracking_uri, spec.experiment_name, artifact_root=output_dir / "mlartifacts"
+    )
+    parent_run_id = tracking.parent_run(
+        spec.name, params={"trials": str(len(trials)), "base_model": spec.base_model}
+    )
+    done = tracking.finished_trials(parent_run_id)
+    skipped = [t for t in trials if t.trial_id in done]
+    pending = [t for t in trials if t.trial_id not in done]
+    return trials, tracking, parent_run_id, skipped, pending
+
+
+def _run_worker(
+    trial: TrialConfig, parent_run_id: str, processes: int, progress: Progress, task: TaskID
+) -> TrialOutcome:
+    trial_json = write_trial_json(trial)
     log_path = trial.output_dir / "worker.log"
     tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -109,18 +135,7 @@ def _run_worker(
 def run_local(spec: SweepSpec, *, console: Console | None = None) -> SweepOutcome:
     """Run every unfinished trial of the spec; returns what ran, what was skipped, what failed."""
     console = console or Console()
-    trials = expand_grid(spec)
-    output_dir = spec.resolved_output_dir
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tracking = SweepTracking(
-        spec.tracking_uri, spec.experiment_name, artifact_root=output_dir / "mlartifacts"
-    )
-    parent_run_id = tracking.parent_run(
-        spec.name, params={"trials": str(len(trials)), "base_model": spec.base_model}
-    )
-    done = tracking.finished_trials(parent_run_id)
-    skipped = [t for t in trials if t.trial_id in done]
-    pending = [t for t in trials if t.trial_id not in done]
+    trials, tracking, parent_run_id, skipped, pending = prepare_sweep(spec)
     console.print(
         f"Sweep [bold]{spec.name}[/]: {len(trials)} trials, {len(skipped)} already done, "
         f"{len(pending)} to run. MLflow: {spec.tracking_uri}"

@@ -34,3 +34,16 @@ def missing_packages(spec: SweepSpec) -> list[str]:
                 f"(pip install {requirement})"
             )
     return problems
+
+
+def tracking_warnings(spec: SweepSpec) -> list[str]:
+    """Settings that run but are risky: a SQLite file as the store of a cluster sweep."""
+    if spec.launcher.kind != "local" and spec.tracking_uri.startswith("sqlite:"):
+        return [
+            f"tracking: {spec.tracking_uri} is a SQLite file, and launcher.kind is "
+            f"{spec.launcher.kind!r}: trials on many nodes write to it at once, and network "
+            "filesystems do not honour SQLite's locks. Fine on one machine (the local test "
+            "cluster); on a real cluster run mlflow/server.sh on the login node and set "
+            "tracking.uri to it."
+        ]
+    return []

@@ -534,6 +534,70 @@ class LocalLauncherSpec(_Strict):
     """Processes per trial (`accelerate launch --num_processes`), e.g. one per GPU."""
 
 
+SLURM_TYPED_SBATCH = {
+    "partition": "partition",
+    "account": "account",
+    "qos": "qos",
+    "time": "time_min",
+    "nodes": "nodes",
+    "gpus-per-node": "gpus_per_node",
+    "cpus-per-task": "cpus_per_task",
+    "mem": "mem_gb",
+    "array": "array_parallelism",
+    "signal": "signal_delay_s",
+    "ntasks-per-node": "(one task per node, always)",
+}
+"""sbatch options that have a typed field (or are set by dreamsweep): refused in `sbatch`."""
+
+
+class SlurmLauncherSpec(_Strict):
+    """Submit the sweep as one SLURM job array through submitit; `dreamsweep run` returns after
+    submitting. Each array task is one trial, on `nodes` nodes."""
+
+    kind: Literal["slurm"]
+    partition: str | None = None
+    """Partition (`--partition`); unset means the cluster's default."""
+    account: str | None = None
+    """Account to charge (`--account`)."""
+    qos: str | None = None
+    """Quality of service (`--qos`)."""
+    time_min: int = Field(default=60, ge=1)
+    """Time limit of each trial's job, in minutes; a trial that needs longer is checkpointed
+    before the limit and requeued."""
+    nodes: int = Field(default=1, ge=1)
+    """Nodes per trial: one task per node, each starting `processes_per_node` processes."""
+    processes_per_node: int = Field(default=1, ge=1)
+    """Training processes per node (one per GPU)."""
+    gpus_per_node: int = Field(default=0, ge=0)
+    """GPUs per node (`--gpus-per-node`)."""
+    cpus_per_task: int = Field(default=1, ge=1)
+    """CPUs per node-task (`--cpus-per-task`)."""
+    mem_gb: float | None = Field(default=None, gt=0)
+    """Memory per node in GB (`--mem`); unset means the partition's default."""
+    array_parallelism: int = Field(default=16, ge=1)
+    """Trials running at once (`--array=…%N`)."""
+    signal_delay_s: int = Field(default=120, ge=10)
+    """Seconds before the time limit that SLURM signals the trial to checkpoint and requeue (it
+    may come up to 60 s earlier)."""
+    max_requeues: int = Field(default=3, ge=0)
+    """Requeues per trial after time limits or preemption."""
+    setup: list[str] = Field(default_factory=list)
+    """Shell lines run in the job before the trial (e.g. `module load cuda`)."""
+    sbatch: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    """Extra `#SBATCH` options without the leading dashes, e.g. `{constraint: a100}`."""
+
+    @field_validator("sbatch")
+    @classmethod
+    def _not_typed(cls, sbatch: dict[str, Any]) -> dict[str, Any]:
+        typed = {k: SLURM_TYPED_SBATCH[k] for k in sbatch if k in SLURM_TYPED_SBATCH}
+        if typed:
+            raise ValueError(
+                "these options have their own fields; set them there instead: "
+                + ", ".join(f"{k} → launcher.{v}" for k, v in sorted(typed.items()))
+            )
+        return sbatch
+
+
 class TrackingSpec(_Strict):
     """Where curves, images and checkpoints are recorded."""
 
@@ -560,7 +624,10 @@ class SweepSpec(_Strict):
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
     selection: SelectionSpec = SelectionSpec()
-    launcher: LocalLauncherSpec = LocalLauncherSpec()
+    launcher: Annotated[LocalLauncherSpec | SlurmLauncherSpec, Field(discriminator="kind")] = (
+        LocalLauncherSpec()
+    )
+    """Where trials run: `local` (worker processes here) or `slurm` (a job array)."""
     tracking: TrackingSpec = TrackingSpec()
 
     @field_validator("name")
@@ -782,11 +849,21 @@ MOVED_KEYS = {
 }
 
 
+LAUNCHERS: dict[str, type[BaseModel]] = {"local": LocalLauncherSpec, "slurm": SlurmLauncherSpec}
+
+
 def _describe(error: dict[str, Any]) -> str:
     loc = error["loc"]
+    launcher = None
+    if len(loc) >= 2 and loc[0] == "launcher" and loc[1] in LAUNCHERS:
+        # pydantic puts the union's tag in the location: launcher.slurm.nodes → launcher.nodes
+        launcher, loc = LAUNCHERS[loc[1]], (loc[0], *loc[2:])
     field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     if error["type"] == "extra_forbidden":
-        allowed = _allowed_keys(SweepSpec, loc[:-1]) or []
+        if launcher is not None and len(loc) == 2:
+            allowed = list(launcher.model_fields)
+        else:
+            allowed = _allowed_keys(SweepSpec, loc[:-1]) or []
         moved = MOVED_KEYS.get(field)
         hint = f" (it moved to {moved})" if moved else ""
         return f"{field or '<top>'}: unknown key{hint}; allowed keys: {', '.join(allowed)}"

@@ -21,6 +21,7 @@ TAG_TRIAL = "dreamsweep.trial_id"
 TAG_CHECKPOINT = "dreamsweep.checkpoint.step_{step:06d}"
 TAG_ERROR = "dreamsweep.error"
 TAG_SETUP_PREFIX = "dreamsweep.setup."  # what is really on: dtypes, optimizer, kernels
+TAG_PAUSED = "dreamsweep.paused_at_step"  # checkpointed and stopped, to be requeued
 TAG_EARLY_STOP_STEP = "dreamsweep.early_stop.step"
 TAG_EARLY_STOP_REASON = "dreamsweep.early_stop.reason"
 RECORDS_DIR = "records"  # per-image records, one JSON table per evaluated step

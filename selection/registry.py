@@ -72,12 +72,21 @@ def _version_for(client: MlflowClient, name: str, candidate: Candidate) -> str:
         "step": str(candidate.step),
         "score": f"{candidate.score:.6f}",
     }
-    version = client.create_model_version(
-        name,
-        source=Path(candidate.checkpoint).resolve().as_uri(),
-        run_id=candidate.run_id,
-        tags=tags,
-    )
+    folder = Path(candidate.checkpoint)
+    try:
+        # A store on this filesystem registers the checkpoint folder where it lies.
+        version = client.create_model_version(
+            name, source=folder.resolve().as_uri(), run_id=candidate.run_id, tags=tags
+        )
+    except MlflowException:
+        # A tracking server accepts only sources inside its artifact store: upload the
+        # checkpoint into the trial's run and register it from there.
+        artifact_path = f"checkpoints/{folder.name}"
+        client.log_artifacts(candidate.run_id, str(folder), artifact_path)
+        source = f"runs:/{candidate.run_id}/{artifact_path}"
+        version = client.create_model_version(
+            name, source=source, run_id=candidate.run_id, tags=tags
+        )
     return version.version
 
 

@@ -69,6 +69,14 @@ Stopper = Callable[[int, dict[str, float]], str | None]
 """After each evaluation: (step, metrics) → why the trial should stop now, or None."""
 
 
+class TrialPaused(Exception):
+    """The trial checkpointed `step` and stopped, to be resumed later (requeue, preemption)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"paused after checkpointing step {step}")
+        self.step = step
+
+
 def checkpoints_root(config: TrialConfig) -> Path:
     return config.output_dir / "checkpoints"
 
@@ -137,9 +145,11 @@ def train_trial(
     *,
     accelerator: Accelerator,
     stopper: Stopper | None = None,
+    should_pause: Callable[[], bool] | None = None,
 ) -> None:
     """Train one trajectory to `max_steps`, evaluating and checkpointing on the step grid;
-    `stopper` may end it at an evaluated step (early stopping)."""
+    `stopper` may end it at an evaluated step (early stopping); when `should_pause()` turns
+    true (a scheduler's signal), the current step is checkpointed and `TrialPaused` raised."""
     train = config.train
     device = accelerator.device
     frozen_dtype = PRECISION[train.mixed_precision]
@@ -432,6 +442,14 @@ def train_trial(
                 if accelerator.is_main_process:
                     reporter.on_early_stop(step, reason)
                 break
+        if should_pause is not None:
+            # A time limit or preemption is coming: every process checkpoints this step.
+            if should_pause():
+                accelerator.set_trigger()
+            if accelerator.check_trigger():
+                if step not in checkpoint_steps:
+                    save(step)
+                raise TrialPaused(step)
 
     if accelerator.is_main_process:
         reporter.on_finish()

@@ -99,7 +99,7 @@ def build_tiny_pipeline(directory: Path) -> None:
 def resolve_model_source(base_model: str) -> str:
     """`tiny` → its cached folder (built on first use); anything else is passed through."""
     if base_model == TINY:
-        return str(build_once(TINY_MODEL_NAME, build_tiny_pipeline))
+        return str(build_once(TINY_MODEL_NAME, build_tiny_pipeline, isolate=True))
     return base_model
 
 

@@ -1,0 +1,153 @@
+"""Where a SLURM array task lands: one trial, on one or more nodes.
+
+submitit runs `TrialTask` in every task of the job (one task per node). Each task starts the
+trial's worker processes on its node: one `python -m cluster.trial` for a single process, or
+torchrun with the node's rank and the job's rendezvous for several processes or nodes:
+
+- node rank: `SLURM_NODEID`, read inside the task (never at submission);
+- rendezvous host: the address of the job's first node (`scontrol show hostnames`, then that
+  node's `NodeAddr`), port derived from the job id so jobs sharing a node do not collide.
+
+Time limits and preemption: SLURM signals the job `signal_delay_s` before its limit; submitit
+calls `checkpoint()`, which asks the worker to checkpoint at its current step (SIGUSR1), waits
+for it, and returns the same task to requeue. The requeued task resumes from that checkpoint
+into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import submitit
+
+from cluster.signals import CHECKPOINT_SIGNAL, REQUEUE_EXIT
+
+RENDEZVOUS_PORT_BASE = 20000
+CHECKPOINT_WAIT_S = 600
+"""How long the job waits for its worker's checkpoint after a time-limit or preemption signal;
+keep launcher.signal_delay_s above the time one checkpoint takes."""
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    nodes: int
+    node_rank: int
+    host: str
+    port: int
+
+
+def first_node_address(nodelist: str) -> str:
+    """The address of the first node of a SLURM nodelist (`node[1-2]` → node1's NodeAddr)."""
+    hostnames = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True
+    ).stdout.split()
+    shown = subprocess.run(
+        ["scontrol", "show", "node", hostnames[0], "--oneliner"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    fields = dict(item.split("=", 1) for item in shown.split() if "=" in item)
+    return fields.get("NodeAddr", hostnames[0])
+
+
+def rendezvous_from_environment(environ: dict[str, str]) -> Rendezvous:
+    """This task's place in a multi-node trial, from the variables SLURM sets in the task."""
+    job_id = int(environ.get("SLURM_ARRAY_JOB_ID") or environ["SLURM_JOB_ID"])
+    task = int(environ.get("SLURM_ARRAY_TASK_ID") or 0)
+    return Rendezvous(
+        nodes=int(environ["SLURM_JOB_NUM_NODES"]),
+        node_rank=int(environ["SLURM_NODEID"]),
+        host=first_node_address(environ["SLURM_JOB_NODELIST"]),
+        port=RENDEZVOUS_PORT_BASE + (job_id * 97 + task) % 20000,
+    )
+
+
+def node_command(
+    trial_json: Path, parent_run_id: str, *, processes_per_node: int, rendezvous: Rendezvous
+) -> list[str]:
+    """The command this node runs for its share of the trial."""
+    entry = ["-m", "cluster.trial", str(trial_json), "--parent-run-id", parent_run_id]
+    if rendezvous.nodes == 1 and processes_per_node == 1:
+        return [sys.executable, *entry]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={rendezvous.nodes}",
+        f"--node_rank={rendezvous.node_rank}",
+        f"--nproc_per_node={processes_per_node}",
+        f"--master_addr={rendezvous.host}",
+        f"--master_port={rendezvous.port}",
+        *entry,
+    ]
+
+
+class TrialTask(submitit.helpers.Checkpointable):
+    """One trial as a submitit job: runs its worker(s) on this node, requeues on a time limit."""
+
+    def __init__(self, trial_json: Path, parent_run_id: str, processes_per_node: int) -> None:
+        self.trial_json = Path(trial_json)
+        self.parent_run_id = parent_run_id
+        self.processes_per_node = processes_per_node
+        self._worker: subprocess.Popen | None = None
+
+    def __call__(self) -> int:
+        rendezvous = rendezvous_from_environment(dict(os.environ))
+        command = node_command(
+            self.trial_json,
+            self.parent_run_id,
+            processes_per_node=self.processes_per_node,
+            rendezvous=rendezvous,
+        )
+        log = self.trial_json.parent / f"worker-node{rendezvous.node_rank}.log"
+        with open(log, "a", encoding="utf-8") as output:
+            # A new session: SLURM's signals reach submitit here, which forwards ours.
+            self._worker = subprocess.Popen(
+                command,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,
+            )
+            returncode = self._worker.wait()
+        if returncode == REQUEUE_EXIT:
+            raise RequeueRequested(f"the worker checkpointed to be requeued; log: {log}")
+        if returncode != 0:
+            raise RuntimeError(f"trial worker exited with status {returncode}; log: {log}")
+        return returncode
+
+    def checkpoint(self, *args: object, **kwargs: object) -> submitit.helpers.DelayedSubmission:
+        """Time limit or preemption: the worker checkpoints its current step, then requeue."""
+        worker = self._worker
+        if worker is not None and worker.returncode is None:
+            os.killpg(worker.pid, CHECKPOINT_SIGNAL)
+            # This runs in a signal handler while __call__ blocks in worker.wait(), which holds
+            # the Popen's wait lock: reap the worker with waitpid directly.
+            deadline = time.monotonic() + CHECKPOINT_WAIT_S
+            while time.monotonic() < deadline:
+                try:
+                    if os.waitpid(worker.pid, os.WNOHANG)[0] != 0:
+                        break
+                except ChildProcessError:
+                    break
+                time.sleep(0.2)
+            else:
+                os.killpg(worker.pid, signal.SIGKILL)
+        fresh = TrialTask(self.trial_json, self.parent_run_id, self.processes_per_node)
+        return submitit.helpers.DelayedSubmission(fresh)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_worker"] = None  # a process handle does not travel
+        return state
+
+
+class RequeueRequested(RuntimeError):
+    """The worker stopped to be requeued (it was signalled outside submitit's checkpoint)."""

@@ -1,0 +1,246 @@
+"""The SLURM launcher: the sweep's unfinished trials as one job array, through submitit.
+
+`dreamsweep run` submits and returns; the trials log to MLflow from the compute nodes. Job ids
+are kept in `<output_dir>/slurm/jobs.json`, so `dreamsweep status` and `dreamsweep cancel` find
+them. Job states come from `squeue` (queued, running) and trial outcomes from MLflow: clusters
+without accounting have no `sacct`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from launch.grid import TrialConfig
+from launch.local import prepare_sweep, write_trial_json
+from launch.spec import SlurmLauncherSpec, SweepSpec
+
+
+def jobs_file(spec: SweepSpec) -> Path:
+    return spec.resolved_output_dir / "slurm" / "jobs.json"
+
+
+def submitit_parameters(launcher: SlurmLauncherSpec, *, name: str) -> dict[str, Any]:
+    """The spec's SLURM fields as submitit AutoExecutor parameters (one task per node)."""
+    parameters: dict[str, Any] = {
+        "name": name,
+        "timeout_min": launcher.time_min,
+        "nodes": launcher.nodes,
+        "tasks_per_node": 1,
+        "cpus_per_task": launcher.cpus_per_task,
+        "slurm_array_parallelism": launcher.array_parallelism,
+        "slurm_signal_delay_s": launcher.signal_delay_s,
+        "slurm_setup": list(launcher.setup),
+        "slurm_additional_parameters": dict(launcher.sbatch),
+    }
+    if launcher.gpus_per_node:
+        parameters["gpus_per_node"] = launcher.gpus_per_node
+    if launcher.mem_gb is not None:
+        parameters["mem_gb"] = launcher.mem_gb
+    for field in ("partition", "account", "qos"):
+        value = getattr(launcher, field)
+        if value is not None:
+            parameters[f"slurm_{field}"] = value
+    return parameters
+
+
+def sbatch_script(spec: SweepSpec, trials: int) -> str:
+    """The sbatch file submitit writes for this sweep's array of `trials` (for review, and for
+    golden tests), from the same parameters `submit_slurm` passes."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    assert isinstance(spec.launcher, SlurmLauncherSpec)
+    folder = spec.resolved_output_dir / "slurm" / "%j"
+    return _make_sbatch_string(
+        command="<python> -u -m submitit.core._submit <folder>",
+        folder=folder,
+        map_count=trials,
+        **_slurm_executor_parameters(spec.launcher, name=f"dreamsweep-{spec.name}"),
+    )
+
+
+def _slurm_executor_parameters(launcher: SlurmLauncherSpec, *, name: str) -> dict[str, Any]:
+    """Same as `submitit_parameters`, in SlurmExecutor's names (no `slurm_` prefixes)."""
+    renamed = {"timeout_min": "time", "tasks_per_node": "ntasks_per_node", "name": "job_name"}
+    out = {}
+    for key, value in submitit_parameters(launcher, name=name).items():
+        key = key.removeprefix("slurm_")
+        if key == "mem_gb":
+            # as submitit's AutoExecutor writes it
+            key, value = (
+                "mem",
+                f"{int(value)}GB" if value == int(value) else f"{int(value * 1024)}MB",
+            )
+        out[renamed.get(key, key)] = value
+    return out
+
+
+@dataclass
+class Submission:
+    trials: list[TrialConfig]
+    skipped: list[TrialConfig]
+    """Already finished in MLflow."""
+    active: list[TrialConfig]
+    """Still queued or running from an earlier submission: not submitted again."""
+    submitted: dict[str, str]
+    """trial id → SLURM job id."""
+
+
+def queued_job_ids() -> set[str]:
+    """Job ids SLURM still holds (pending, running, requeued), array tasks as `<job>_<task>`."""
+    listed = _slurm_command(["squeue", "--noheader", "--array", "--format=%i"])
+    return {line.strip() for line in listed.splitlines() if line.strip()}
+
+
+class SlurmError(RuntimeError):
+    """SLURM cannot be reached from here (no client commands, or no controller answering)."""
+
+
+def _slurm_command(command: list[str]) -> str:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise SlurmError(
+            f"`{command[0]}` is not installed here: run dreamsweep on a SLURM login node "
+            "(or bring up a local cluster with cluster/dev_slurm.sh up)"
+        ) from None
+    if done.returncode != 0:
+        raise SlurmError(f"`{' '.join(command)}` failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def read_jobs(spec: SweepSpec) -> dict[str, dict[str, str]]:
+    path = jobs_file(spec)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def submit_slurm(spec: SweepSpec, *, console: Console | None = None) -> Submission:
+    """Submit every trial that is neither finished nor still in SLURM's queue."""
+    import submitit
+
+    from cluster.slurm import TrialTask
+
+    console = console or Console()
+    launcher = spec.launcher
+    assert isinstance(launcher, SlurmLauncherSpec)
+    in_queue = queued_job_ids()  # first: an unreachable SLURM fails before MLflow is touched
+    trials, tracking, parent_run_id, skipped, pending = prepare_sweep(spec)
+    jobs = read_jobs(spec)
+    active = [t for t in pending if jobs.get(t.trial_id, {}).get("job_id") in in_queue]
+    to_submit = [t for t in pending if t not in active]
+    console.print(
+        f"Sweep [bold]{spec.name}[/]: {len(trials)} trials, {len(skipped)} already done, "
+        f"{len(active)} still in SLURM, {len(to_submit)} to submit. MLflow: {spec.tracking_uri}"
+    )
+    submitted: dict[str, str] = {}
+    if to_submit:
+        folder = spec.resolved_output_dir / "slurm"
+        executor = submitit.AutoExecutor(
+            folder=folder / "%j", cluster="slurm", slurm_max_num_timeout=launcher.max_requeues
+        )
+        executor.update_parameters(**submitit_parameters(launcher, name=f"dreamsweep-{spec.name}"))
+        tasks = [
+            TrialTask(write_trial_json(t), parent_run_id, launcher.processes_per_node)
+            for t in to_submit
+        ]
+        with executor.batch():
+            handles = [executor.submit(task) for task in tasks]
+        for trial, job in zip(to_submit, handles, strict=True):
+            submitted[trial.trial_id] = job.job_id
+            jobs[trial.trial_id] = {
+                "job_id": job.job_id,
+                "label": trial.label,
+                "output_dir": str(trial.output_dir),
+                "submitit_folder": str(job.paths.folder),
+            }
+        path = jobs_file(spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_suffix(".part")
+        staging.write_text(json.dumps(jobs, indent=2), encoding="utf-8")
+        staging.replace(path)
+        tracking.client.update_run(parent_run_id, status="RUNNING")
+        for trial in to_submit:
+            console.print(f"  {trial.label}: job {submitted[trial.trial_id]}", markup=False)
+    console.print(
+        f"Follow it with `dreamsweep status SPEC`; stop it with `dreamsweep cancel SPEC`. "
+        f"Logs: {spec.resolved_output_dir / 'slurm'}",
+        markup=False,
+    )
+    return Submission(trials, skipped, active, submitted)
+
+
+@dataclass
+class TrialStatus:
+    label: str
+    job_id: str | None
+    state: str
+    """SLURM's state while queued or running, else the MLflow run's status (FINISHED, …)."""
+    last_step: int | None
+    metrics: dict[str, float]
+    logs: str
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, str]:
+    if not job_ids:
+        return {}
+    listed = subprocess.run(
+        ["squeue", "--noheader", "--array", "--format=%i %T", "--jobs", ",".join(job_ids)],
+        capture_output=True,
+        text=True,
+    ).stdout
+    return dict(line.split(maxsplit=1) for line in listed.splitlines() if line.strip())
+
+
+def sweep_status(spec: SweepSpec) -> list[TrialStatus]:
+    """Each trial's SLURM state (or MLflow outcome), last logged step and latest metrics."""
+    from launch.grid import expand_grid
+    from launch.tracking import SweepTracking
+
+    jobs = read_jobs(spec)
+    states = slurm_states([j["job_id"] for j in jobs.values()])
+    tracking = SweepTracking(spec.tracking_uri, spec.experiment_name)
+    parent = tracking.find_parent_run(spec.name)
+    runs = tracking.trial_runs(parent.info.run_id) if parent is not None else {}
+    statuses = []
+    for trial in expand_grid(spec):
+        job = jobs.get(trial.trial_id, {})
+        run = runs.get(trial.trial_id)
+        state = states.get(job.get("job_id", ""), None)
+        if state is None and run is not None and run.info.status == "RUNNING":
+            # SLURM no longer holds the job, and the run was never closed: cancelled or killed.
+            state = "ENDED UNFINISHED"
+        elif state is None:
+            state = run.info.status if run is not None else "NOT SUBMITTED"
+        metrics = dict(run.data.metrics) if run is not None else {}
+        last_step = None
+        if run is not None and "loss" in metrics:
+            last_step = max(
+                m.step for m in tracking.client.get_metric_history(run.info.run_id, "loss")
+            )
+        shown = {k: v for k, v in metrics.items() if k in spec.eval.metrics}
+        statuses.append(
+            TrialStatus(
+                trial.label,
+                job.get("job_id"),
+                state,
+                last_step,
+                shown,
+                job.get("submitit_folder", str(trial.output_dir)),
+            )
+        )
+    return statuses
+
+
+def cancel_sweep(spec: SweepSpec) -> list[str]:
+    """`scancel` every job of the sweep that SLURM still holds; returns their ids."""
+    jobs = read_jobs(spec)
+    held = queued_job_ids()
+    ids = sorted({j["job_id"] for j in jobs.values() if j["job_id"] in held})
+    if ids:
+        subprocess.run(["scancel", *ids], check=True)
+    return ids

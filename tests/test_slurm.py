@@ -1,0 +1,274 @@
+"""The SLURM launcher: golden sbatch text (fast), and behaviour on a REAL local SLURM cluster
+(munge, slurmctld, two slurmd daemons), brought up by `cluster/dev_slurm.sh` when root."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, dreamsweep, small_spec, write_spec
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+
+from launch.grid import expand_grid
+from launch.local import run_local
+from launch.slurm import sbatch_script, submit_slurm
+from launch.spec import SpecError, load_spec
+from trainers.checkpoint import latest_checkpoint
+from trainers.loop import TRAINER_STATE, checkpoints_root
+
+GOLDEN = Path(__file__).parent / "golden"
+DEV_SLURM = REPO / "cluster" / "dev_slurm.sh"
+
+
+def test_sbatch_text_matches_the_golden_file(tmp_path: Path) -> None:
+    launcher = {
+        "kind": "slurm",
+        "partition": "gpu",
+        "account": "vision",
+        "qos": "normal",
+        "time_min": 240,
+        "nodes": 2,
+        "processes_per_node": 4,
+        "gpus_per_node": 4,
+        "cpus_per_task": 32,
+        "mem_gb": 256,
+        "array_parallelism": 4,
+        "signal_delay_s": 180,
+        "setup": ["module load cuda/12.4"],
+        "sbatch": {"constraint": "a100", "exclusive": True},
+    }
+    spec = load_spec(write_spec(tmp_path, small_spec(tmp_path, launcher=launcher)))
+    text = sbatch_script(spec, trials=10).replace(str(tmp_path), "<tmp>")
+    assert text == (GOLDEN / "sbatch_two_nodes.txt").read_text(encoding="utf-8")
+
+
+def test_slurm_fields_are_checked_with_the_allowed_keys(tmp_path: Path) -> None:
+    launcher = {"kind": "slurm", "node": 2, "sbatch": {"time": "1:00:00", "partition": "x"}}
+    with pytest.raises(SpecError) as caught:
+        load_spec(write_spec(tmp_path, small_spec(tmp_path, launcher=launcher)))
+    problems = caught.value.problems
+    assert any(
+        p.startswith("launcher.node: unknown key; allowed keys: kind, partition") for p in problems
+    )
+    assert (
+        "launcher.sbatch: these options have their own fields; set them there instead: "
+        "partition → launcher.partition, time → launcher.time_min"
+    ) in "\n".join(problems)
+
+
+# --- on a real cluster ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root (slurmctld and slurmd run as root)")
+    started = subprocess.run([str(DEV_SLURM), "up"], capture_output=True, text=True)
+    assert started.returncode == 0, started.stdout + started.stderr
+    yield
+    subprocess.run(["scancel", "--user=root"], capture_output=True)
+    subprocess.run([str(DEV_SLURM), "down"], check=True, capture_output=True)
+
+
+def wait_for_jobs(job_ids: list[str], *, timeout: float = 400) -> None:
+    """Until SLURM holds none of the jobs (finished, failed or cancelled)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listed = subprocess.run(
+            ["squeue", "--noheader", "--array", "--format=%i", "--jobs", ",".join(job_ids)],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        if not listed:
+            return
+        time.sleep(1)
+    raise AssertionError(f"SLURM jobs {job_ids} still queued after {timeout} s")
+
+
+def squeue_reason(job: str) -> str:
+    return subprocess.run(
+        ["squeue", "--noheader", "--format=%T %r", "--jobs", job], capture_output=True, text=True
+    ).stdout
+
+
+def trial_histories(spec) -> dict[str, dict[str, dict[int, float]]]:
+    """trial label → metric → step → value, from the sweep's MLflow store."""
+    client = MlflowClient(tracking_uri=spec.tracking_uri)
+    experiment = client.get_experiment_by_name(spec.experiment_name)
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`dreamsweep.role` = 'trial'"
+    )
+    out = {}
+    for run in runs:
+        assert run.info.status == "FINISHED", run.data.tags.get("dreamsweep.error")
+        out[run.info.run_name] = {
+            key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+            for key in ("loss", "similarity", "diversity", "clip_t")
+        }
+        for key, history in out[run.info.run_name].items():  # one point per step, no gaps
+            logged = client.get_metric_history(run.info.run_id, key)
+            assert len(logged) == len(history), key
+    return out
+
+
+def assert_same_curves(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for label in a:
+        for key in a[label]:
+            assert a[label][key].keys() == b[label][key].keys(), (label, key)
+            for step, value in a[label][key].items():
+                assert value == pytest.approx(b[label][key][step], rel=1e-5, abs=1e-7), (
+                    label,
+                    key,
+                    step,
+                )
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_as_a_job_array_and_equals_the_local_launcher(
+    slurm_cluster, tmp_path: Path
+) -> None:
+    grid = {"num_images": [2, 4], "max_steps": 4, "eval_every": 2}
+    on_slurm = tmp_path / "slurm"
+    on_slurm.mkdir()
+    spec_dict = small_spec(on_slurm, grid=grid, launcher={"kind": "slurm", "time_min": 10})
+    path = write_spec(on_slurm, spec_dict)
+    submitted = dreamsweep("run", str(path), cwd=on_slurm)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    assert "0 still in SLURM, 2 to submit" in submitted.stdout
+    assert "is a SQLite file, and launcher.kind is 'slurm'" in submitted.stderr
+    spec = load_spec(path)
+    jobs = [line.rsplit("job ", 1)[1] for line in submitted.stdout.splitlines() if ": job " in line]
+    assert len(jobs) == 2 and all("_" in j for j in jobs)  # two tasks of one array
+    assert len({j.split("_")[0] for j in jobs}) == 1
+    wait_for_jobs(jobs)
+    status = dreamsweep("status", str(path), cwd=on_slurm)
+    assert status.stdout.count("FINISHED") == 2, status.stdout
+
+    locally = tmp_path / "local"
+    locally.mkdir()
+    local_spec = load_spec(write_spec(locally, small_spec(locally, grid=grid)))
+    outcome = run_local(local_spec, console=Console(file=io.StringIO()))
+    assert not outcome.failed
+    assert_same_curves(trial_histories(spec), trial_histories(local_spec))
+
+    again = dreamsweep("run", str(path), cwd=on_slurm)
+    assert "2 already done, 0 still in SLURM, 0 to submit" in again.stdout
+
+
+@pytest.mark.slow
+def test_a_two_node_trial_equals_one_process_with_the_same_global_batch(
+    slurm_cluster, tmp_path: Path
+) -> None:
+    def trained(folder: Path, *, batch_size: int, launcher: dict) -> tuple[dict, dict]:
+        folder.mkdir()
+        spec_dict = small_spec(
+            folder,
+            grid={"num_images": [4]},
+            train={"batch_size": batch_size},
+            launcher=launcher,
+        )
+        spec = load_spec(write_spec(folder, spec_dict))
+        if launcher["kind"] == "slurm":
+            submission = submit_slurm(spec, console=Console(file=io.StringIO()))
+            wait_for_jobs(list(submission.submitted.values()))
+        else:
+            assert not run_local(spec, console=Console(file=io.StringIO())).failed
+        [trial] = expand_grid(spec)
+        _, checkpoint = latest_checkpoint(checkpoints_root(trial))
+        weights = torch.load(checkpoint / TRAINER_STATE, weights_only=True)["trainable"]
+        return trial_histories(spec), weights
+
+    two_nodes = {"kind": "slurm", "nodes": 2, "processes_per_node": 1, "time_min": 10}
+    parallel_curves, parallel = trained(tmp_path / "two", batch_size=1, launcher=two_nodes)
+    single_curves, single = trained(tmp_path / "one", batch_size=2, launcher={"kind": "local"})
+    [(_, parallel_run)], [(_, single_run)] = parallel_curves.items(), single_curves.items()
+    assert sorted(parallel_run["loss"]) == [1, 2, 3, 4]  # rank 0 alone logs
+    assert list(parallel_run["loss"].values()) == pytest.approx(
+        list(single_run["loss"].values()), rel=1e-5
+    )
+    assert parallel.keys() == single.keys()
+    for key in single:
+        torch.testing.assert_close(parallel[key], single[key], rtol=1e-3, atol=1e-4)
+    logs = sorted(p.name for p in (tmp_path / "two").rglob("worker-node*.log"))
+    assert logs == ["worker-node0.log", "worker-node1.log"]  # one task per node
+
+
+@pytest.mark.slow
+def test_a_signalled_trial_checkpoints_requeues_and_resumes_into_the_same_run(
+    slurm_cluster, tmp_path: Path
+) -> None:
+    """SLURM's time-limit signal (USR2, as `--signal` sends it; `scancel --signal` delivers it
+    now): the trial checkpoints its current step, the job requeues, and the requeued job resumes
+    into the same MLflow run. Its curves equal an uninterrupted trial's, with no gap and no
+    duplicate step."""
+    grid = {"num_images": [2], "max_steps": 12, "eval_every": 4}
+    on_slurm = tmp_path / "slurm"
+    on_slurm.mkdir()
+    path = write_spec(on_slurm, small_spec(on_slurm, grid=grid, launcher={"kind": "slurm"}))
+    spec = load_spec(path)
+    submission = submit_slurm(spec, console=Console(file=io.StringIO()))
+    [job] = submission.submitted.values()
+    client = MlflowClient(tracking_uri=spec.tracking_uri)
+
+    def logged_steps() -> list[int]:
+        experiment = client.get_experiment_by_name(spec.experiment_name)
+        runs = client.search_runs(
+            [experiment.experiment_id], filter_string="tags.`dreamsweep.role` = 'trial'"
+        )
+        return [m.step for r in runs for m in client.get_metric_history(r.info.run_id, "loss")]
+
+    deadline = time.monotonic() + 300
+    while not any(step >= 3 for step in logged_steps()):
+        assert time.monotonic() < deadline, "the trial never started training"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    # SLURM holds a requeued job back for a while (BeginTime); release it rather than wait.
+    while "BeginTime" not in squeue_reason(job):
+        assert time.monotonic() < deadline + 300, "the job was not requeued"
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    wait_for_jobs([job], timeout=300)
+
+    [run] = client.search_runs(
+        [client.get_experiment_by_name(spec.experiment_name).experiment_id],
+        filter_string="tags.`dreamsweep.role` = 'trial'",
+    )
+    paused = int(run.data.tags["dreamsweep.paused_at_step"])
+    assert 3 <= paused < 12
+    assert int(run.data.tags["dreamsweep.resumed_from_step"]) == paused
+    assert sorted(logged_steps()) == list(range(1, 13))  # no gap, no duplicate
+
+    locally = tmp_path / "local"
+    locally.mkdir()
+    local_spec = load_spec(write_spec(locally, small_spec(locally, grid=grid)))
+    assert not run_local(local_spec, console=Console(file=io.StringIO())).failed
+    assert_same_curves(trial_histories(spec), trial_histories(local_spec))
+
+
+@pytest.mark.slow
+def test_cancel_stops_what_slurm_still_holds_and_status_says_so(
+    slurm_cluster, tmp_path: Path
+) -> None:
+    grid = {"num_images": [2, 4], "max_steps": 400, "eval_every": 200}
+    path = write_spec(tmp_path, small_spec(tmp_path, grid=grid, launcher={"kind": "slurm"}))
+    submitted = dreamsweep("run", str(path), cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    jobs = [line.rsplit("job ", 1)[1] for line in submitted.stdout.splitlines() if ": job " in line]
+    deadline = time.monotonic() + 120
+    while dreamsweep("status", str(path), cwd=tmp_path).stdout.count("RUNNING") < 1:
+        assert time.monotonic() < deadline, "no trial started"
+        time.sleep(1)
+    cancelled = dreamsweep("cancel", str(path), cwd=tmp_path)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert f"Cancelled 2 job(s): {' '.join(sorted(jobs))}" in cancelled.stdout
+    wait_for_jobs(jobs, timeout=60)
+    status = dreamsweep("status", str(path), cwd=tmp_path).stdout
+    assert "RUNNING" not in status and "PENDING" not in status
+    assert "ENDED UNFINISHED" in status  # the started trial's run was never closed
