@@ -211,8 +211,9 @@ def sweep_status(spec: SweepSpec) -> list[TrialStatus]:
         job = jobs.get(trial.trial_id, {})
         run = runs.get(trial.trial_id)
         state = states.get(job.get("job_id", ""), None)
-        if state is None and run is not None and run.info.status == "RUNNING":
-            # SLURM no longer holds the job, and the run was never closed: cancelled or killed.
+        if state is None and job and (run is None or run.info.status == "RUNNING"):
+            # SLURM no longer holds the job and its run was never closed (or never opened):
+            # cancelled, or killed before it could say so.
             state = "ENDED UNFINISHED"
         elif state is None:
             state = run.info.status if run is not None else "NOT SUBMITTED"

@@ -84,7 +84,10 @@ def test_the_spec_rule_needs_early_stop_and_watches_measured_curves() -> None:
 
 @pytest.mark.slow
 def test_the_loop_stops_at_the_evaluated_step_after_saving_its_checkpoint(tmp_path: Path) -> None:
-    spec = load_spec(write_spec(tmp_path, small_spec(tmp_path, grid={"max_steps": 6})))
+    spec_dict = small_spec(
+        tmp_path, grid={"max_steps": 6}, selection={"early_stop": {"patience": 1}}
+    )
+    spec = load_spec(write_spec(tmp_path, spec_dict))
     [trial] = expand_grid(spec)
     recorder = Recorder()
     seen: list[int] = []

@@ -432,10 +432,10 @@ def train_trial(
         metrics = evaluate(step) if step % config.eval_every == 0 else None
         if step in checkpoint_steps:
             save(step)
-        if metrics is not None and stopper is not None:
-            # The main process decides; the trigger reaches every process, so all stop together
-            # (after the checkpoint of this step, which every evaluated step has).
-            reason = stopper(step, metrics) if accelerator.is_main_process else None
+        if metrics is not None and config.selection.early_stop is not None:
+            # The main process decides (only it holds the stopper); the trigger is a collective
+            # every process joins, so all stop together (after this step's checkpoint).
+            reason = stopper(step, metrics) if stopper is not None else None
             if reason is not None:
                 accelerator.set_trigger()
             if accelerator.check_trigger():
