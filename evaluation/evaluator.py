@@ -208,12 +208,11 @@ class Evaluator:
     def generate(self, pipeline: DiffusionPipeline) -> list[Image.Image]:
         # Batches never mix variants, so an image does not depend on whether the other variant
         # is generated too (batch composition changes the numerics in the last bits).
-        batches = [
-            variant_jobs[start : start + self.spec.batch_size]
-            for variant in self.variants
-            for variant_jobs in [[job for job in self.jobs if job.variant == variant]]
-            for start in range(0, len(variant_jobs), self.spec.batch_size)
-        ]
+        size = self.spec.batch_size
+        batches: list[list[ImageJob]] = []
+        for variant in self.variants:
+            jobs = [job for job in self.jobs if job.variant == variant]
+            batches += [jobs[start : start + size] for start in range(0, len(jobs), size)]
         images: list[Image.Image] = []
         for chunk in batches:
             negatives = [job.negative_prompt for job in chunk]

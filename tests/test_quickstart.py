@@ -222,7 +222,9 @@ def test_the_best_checkpoint_of_each_subject_and_method_is_registered_and_loads(
             assert image.shape == (64, 64, 3) and np.isfinite(image).all()
 
 
-def test_select_with_other_weights_moves_the_alias_and_records_them(quickstart: dict) -> None:
+def test_select_with_other_weights_points_the_alias_at_their_choice_and_records_them(
+    quickstart: dict,
+) -> None:
     client: MlflowClient = quickstart["client"]
     name = "quickstart.robot.lora"
     before = client.get_model_version_by_alias(name, "best")
