@@ -26,7 +26,7 @@ from pathlib import Path
 
 import submitit
 
-from cluster.signals import CHECKPOINT_SIGNAL, REQUEUE_EXIT
+from cluster.signals import CHECKPOINT_SIGNAL, REQUEUE_EXIT, SCHEDULER_SIGNALS
 
 RENDEZVOUS_PORT_BASE = 20000
 CHECKPOINT_WAIT_S = 600
@@ -89,6 +89,11 @@ def node_command(
     ]
 
 
+def _ignore_scheduler_signals() -> None:
+    for scheduler_signal in SCHEDULER_SIGNALS:
+        signal.signal(scheduler_signal, signal.SIG_IGN)
+
+
 class TrialTask(submitit.helpers.Checkpointable):
     """One trial as a submitit job: runs its worker(s) on this node, requeues on a time limit."""
 
@@ -108,13 +113,16 @@ class TrialTask(submitit.helpers.Checkpointable):
         )
         log = self.trial_json.parent / f"worker-node{rendezvous.node_rank}.log"
         with open(log, "a", encoding="utf-8") as output:
-            # A new session: SLURM's signals reach submitit here, which forwards ours.
+            # Its own process group, so checkpoint() signals the worker and nothing else. SLURM
+            # signals every process of the step: torchrun and a worker still importing ignore
+            # the scheduler's signals (inherited SIG_IGN) until the worker installs handlers.
             self._worker = subprocess.Popen(
                 command,
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,
+                preexec_fn=_ignore_scheduler_signals,
             )
             returncode = self._worker.wait()
         if returncode == REQUEUE_EXIT:

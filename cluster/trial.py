@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("trial_json", type=Path, help="trial.json written by the launcher")
     parser.add_argument("--parent-run-id", required=True, help="the sweep's MLflow parent run")
     args = parser.parse_args(argv)
+    # SLURM's time-limit or preemption signal (cluster/slurm.py), caught from the start: the
+    # loop checkpoints at its next step and stops.
+    pause_requested = threading.Event()
+    for scheduler_signal in SCHEDULER_SIGNALS:
+        signal.signal(scheduler_signal, lambda *_: pause_requested.set())
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
@@ -60,10 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         # A resumed trial's stopper first reads what the run logged before the interruption.
         history = tracking.evaluations(run_id, config.eval.metrics)
         stopper = early_stopper(config.selection, config.eval.metrics, history)
-    # SLURM's time-limit or preemption signal, forwarded by the job (cluster/slurm.py).
-    pause_requested = threading.Event()
-    for scheduler_signal in SCHEDULER_SIGNALS:
-        signal.signal(scheduler_signal, lambda *_: pause_requested.set())
     try:
         accelerator = make_accelerator(config.train)
         train_trial(

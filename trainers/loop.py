@@ -11,6 +11,7 @@ the `Accelerator` its caller made (`cluster.accelerator.make_accelerator`).
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -453,4 +454,13 @@ def train_trial(
 
     if accelerator.is_main_process:
         reporter.on_finish()
+    # Drop the DDP wrappers while the process group is alive. A DDP Reducer freed after
+    # destroy_process_group (when this function returns) destroys the gloo group from its
+    # deallocator while holding the GIL, and gloo's worker thread, waiting for the GIL, holds
+    # the lock that destructor needs: a deadlock seen on 2-node CPU runs (torch 2.13).
+    modules.clear()
+    wrapped.clear()
+    unet = text_encoder = None
+    accelerator.free_memory()
+    gc.collect()
     accelerator.end_training()
