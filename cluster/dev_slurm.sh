@@ -25,6 +25,10 @@ down() {
         sleep 0.1
     done
     rm -rf /var/spool/slurmctld /var/spool/slurmd /run/slurmd-node*.pid /run/slurmctld.pid
+    if [[ ${1:-} == all && -f /run/dreamsweep-started-munged ]]; then
+        pkill -x munged 2>/dev/null || true  # only a munged this script started
+        rm -f /run/dreamsweep-started-munged
+    fi
 }
 
 up() {
@@ -44,6 +48,7 @@ up() {
     chmod 400 /etc/munge/munge.key
     if ! pgrep -x munged >/dev/null; then
         runuser -u munge -- /usr/sbin/munged 2>/dev/null || /usr/sbin/munged --force
+        touch /run/dreamsweep-started-munged
     fi
     cat >"$CONF_DIR/slurm.conf" <<CONF
 ClusterName=local
@@ -89,6 +94,6 @@ CONF
 
 case $ACTION in
     up) up ;;
-    down) down ;;
+    down) down all ;;
     *) echo "usage: $0 up|down" >&2; exit 2 ;;
 esac
