@@ -46,7 +46,8 @@ up() {
     fi
     chown -R munge:munge /etc/munge /run/munge 2>/dev/null || true
     chmod 400 /etc/munge/munge.key
-    if ! pgrep -x munged >/dev/null; then
+    # Ask munged itself: a stopped munged can linger as a zombie that pgrep still lists.
+    if ! munge -n </dev/null >/dev/null 2>&1; then
         runuser -u munge -- /usr/sbin/munged 2>/dev/null || /usr/sbin/munged --force
         touch /run/dreamsweep-started-munged
     fi
@@ -55,10 +56,14 @@ ClusterName=local
 SlurmctldHost=$host
 SlurmUser=root
 AuthType=auth/munge
+# Requeued jobs wait one credential lifetime before they start again (default 120 s).
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 ReturnToService=2
 SchedulerType=sched/backfill
+# Start a released job within seconds (defaults: every 30 s to 60 s).
+SchedulerParameters=bf_interval=2,sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 StateSaveLocation=/var/spool/slurmctld

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import submitit
 
+from cluster.cpu_threads import thread_environment
 from cluster.signals import CHECKPOINT_SIGNAL, REQUEUE_EXIT, SCHEDULER_SIGNALS
 
 RENDEZVOUS_PORT_BASE = 20000
@@ -120,7 +121,11 @@ class TrialTask(submitit.helpers.Checkpointable):
                 command,
                 stdout=output,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={
+                    **os.environ,
+                    **thread_environment(self.processes_per_node),
+                    "PYTHONUNBUFFERED": "1",
+                },
                 start_new_session=True,
                 preexec_fn=_ignore_scheduler_signals,
             )

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from cluster.signals import REQUEUE_EXIT, SCHEDULER_SIGNALS
+from cluster.signals import DIE_WITH_PARENT, REQUEUE_EXIT, SCHEDULER_SIGNALS, die_with_parent
 
 
 def _quiet_libraries() -> None:
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("trial_json", type=Path, help="trial.json written by the launcher")
     parser.add_argument("--parent-run-id", required=True, help="the sweep's MLflow parent run")
     args = parser.parse_args(argv)
+    if os.environ.get(DIE_WITH_PARENT):
+        die_with_parent()
     # SLURM's time-limit or preemption signal (cluster/slurm.py), caught from the start: the
     # loop checkpoints at its next step and stops.
     pause_requested = threading.Event()

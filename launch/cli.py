@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from launch.preflight import missing_packages, tracking_warnings
+from launch.slurm import SlurmError
 from launch.spec import SELECTABLE_METRICS, SpecError, SweepSpec, load_spec
 
 
@@ -32,14 +33,14 @@ def _run(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
     from launch.local import run_local
 
     if spec.launcher.kind == "slurm":
-        from launch.slurm import SlurmError, submit_slurm
+        from launch.slurm import submit_slurm
 
-        try:
-            submit_slurm(spec, console=console)
-        except SlurmError as err:
-            Console(stderr=True, soft_wrap=True).print(f"error: {err}", markup=False)
-            return 1
+        submit_slurm(spec, console=console)
         return 0
+    if spec.launcher.kind == "ray":
+        from launch.ray import run_ray
+
+        return 1 if run_ray(spec, console=console).failed else 0
 
     outcome = run_local(spec, console=console)
     return 1 if outcome.failed else 0
@@ -223,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as err:
         Console(stderr=True).print(f"error: {err}", markup=False, highlight=False)
         return 2
+    except SlurmError as err:
+        Console(stderr=True, soft_wrap=True).print(f"error: {err}", markup=False)
+        return 1
 
 
 if __name__ == "__main__":

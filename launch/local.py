@@ -26,6 +26,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from cluster.cpu_threads import thread_environment
 from launch import events
 from launch.grid import TrialConfig, expand_grid
 from launch.spec import SweepSpec
@@ -95,12 +96,17 @@ def prepare_sweep(
 
 
 def _run_worker(
-    trial: TrialConfig, parent_run_id: str, processes: int, progress: Progress, task: TaskID
+    trial: TrialConfig,
+    parent_run_id: str,
+    processes: int,
+    threads: dict[str, str],
+    progress: Progress,
+    task: TaskID,
 ) -> TrialOutcome:
     trial_json = write_trial_json(trial)
     log_path = trial.output_dir / "worker.log"
     tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **threads, "PYTHONUNBUFFERED": "1"}
     command = worker_command(trial_json, parent_run_id, processes)
     with open(log_path, "a", encoding="utf-8") as log:
         with subprocess.Popen(
@@ -163,9 +169,13 @@ def run_local(spec: SweepSpec, *, console: Console | None = None) -> SweepOutcom
             for t in pending
         }
         processes = spec.launcher.processes_per_trial
+        parallel = min(spec.launcher.max_parallel, len(pending))
+        threads = thread_environment(parallel * processes)
         with ThreadPoolExecutor(max_workers=spec.launcher.max_parallel) as pool:
             futures = [
-                pool.submit(_run_worker, t, parent_run_id, processes, progress, tasks[t.trial_id])
+                pool.submit(
+                    _run_worker, t, parent_run_id, processes, threads, progress, tasks[t.trial_id]
+                )
                 for t in pending
             ]
             for future in futures:

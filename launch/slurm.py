@@ -186,14 +186,15 @@ class TrialStatus:
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """job id → SLURM state, for the jobs SLURM still holds (queued, running, completing).
+
+    All jobs are listed and filtered here: `squeue --jobs` fails outright when one id has left
+    SLURM's memory. A failing squeue raises SlurmError rather than reading as "nothing held"."""
     if not job_ids:
         return {}
-    listed = subprocess.run(
-        ["squeue", "--noheader", "--array", "--format=%i %T", "--jobs", ",".join(job_ids)],
-        capture_output=True,
-        text=True,
-    ).stdout
-    return dict(line.split(maxsplit=1) for line in listed.splitlines() if line.strip())
+    listed = _slurm_command(["squeue", "--noheader", "--array", "--format=%i %T"])
+    states = dict(line.split(maxsplit=1) for line in listed.splitlines() if line.strip())
+    return {job: state for job, state in states.items() if job in job_ids}
 
 
 def sweep_status(spec: SweepSpec) -> list[TrialStatus]:

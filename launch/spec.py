@@ -598,6 +598,71 @@ class SlurmLauncherSpec(_Strict):
         return sbatch
 
 
+class FifoSchedulerSpec(_Strict):
+    """Every trial runs to `grid.max_steps` (the plain grid)."""
+
+    kind: Literal["fifo"] = "fifo"
+
+
+class AshaSchedulerSpec(_Strict):
+    """Asynchronous successive halving on the weighted score (mode max): at each rung (grace
+    period × reduction factor^k steps) a trial goes on only if its score is in the top
+    1/reduction_factor of the scores recorded there. It cannot foresee a later collapse: the stop
+    step still comes from `dreamsweep select` on the curves logged."""
+
+    kind: Literal["asha"]
+    grace_period: int | None = Field(default=None, ge=1)
+    """Training steps before a trial can be stopped; unset means `grid.eval_every`."""
+    reduction_factor: float = Field(default=2.0, gt=1)
+    """Keep the top 1/reduction_factor at each rung."""
+    max_t: int | None = Field(default=None, ge=1)
+    """Training steps after which no trial goes on; unset means `grid.max_steps`."""
+
+
+class MedianSchedulerSpec(_Strict):
+    """Stop a trial whose best score so far is below the median of the other trials' running
+    means at the same step."""
+
+    kind: Literal["median"]
+    grace_period: int | None = Field(default=None, ge=1)
+    """Training steps before a trial can be stopped; unset means `grid.eval_every`."""
+    min_samples_required: int = Field(default=3, ge=1)
+    """Other trials that must have reached the step before the rule decides."""
+
+
+class RayLauncherSpec(_Strict):
+    """Run the grid as a Ray Tune experiment: one trial per grid point, each a function trainable
+    that runs the project's worker; the scheduler may stop weak trials early. `dreamsweep run`
+    waits for the experiment and, run again after an interruption, restores it."""
+
+    kind: Literal["ray"]
+    address: str | None = None
+    """Ray cluster to join: `auto` (the cluster this node belongs to, e.g. started by
+    cluster/ray_on_slurm.sh), `ray://host:10001`, or `host:6379`; unset means a Ray instance
+    started on this machine for the sweep (or RAY_ADDRESS when set)."""
+    cpus_per_trial: float = Field(default=1.0, gt=0)
+    """CPUs Ray reserves for each trial."""
+    gpus_per_trial: float = Field(default=0.0, ge=0)
+    """GPUs Ray reserves for each trial (Ray sets CUDA_VISIBLE_DEVICES to them)."""
+    processes_per_trial: int = Field(default=1, ge=1)
+    """Training processes per trial on its node (torchrun; one per reserved GPU)."""
+    max_concurrent_trials: int | None = Field(default=None, ge=1)
+    """Trials running at once; unset means as many as the resources allow."""
+    scheduler: Annotated[
+        FifoSchedulerSpec | AshaSchedulerSpec | MedianSchedulerSpec, Field(discriminator="kind")
+    ] = FifoSchedulerSpec()
+    """`fifo` (plain grid), `asha` or `median` (stop weak trials early on the weighted score)."""
+    max_failures: int = Field(default=2, ge=0)
+    """Retries of a failed trial (a crash, a lost node), each from its last checkpoint."""
+    keep_checkpoints: int = Field(default=1, ge=1)
+    """Checkpoints Ray keeps per trial in its storage (the newest is what a retry resumes)."""
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_shorthand(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+
 class TrackingSpec(_Strict):
     """Where curves, images and checkpoints are recorded."""
 
@@ -624,10 +689,11 @@ class SweepSpec(_Strict):
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
     selection: SelectionSpec = SelectionSpec()
-    launcher: Annotated[LocalLauncherSpec | SlurmLauncherSpec, Field(discriminator="kind")] = (
-        LocalLauncherSpec()
-    )
-    """Where trials run: `local` (worker processes here) or `slurm` (a job array)."""
+    launcher: Annotated[
+        LocalLauncherSpec | SlurmLauncherSpec | RayLauncherSpec, Field(discriminator="kind")
+    ] = LocalLauncherSpec()
+    """Where trials run: `local` (worker processes here), `slurm` (a job array) or `ray` (a Ray
+    Tune experiment)."""
     tracking: TrackingSpec = TrackingSpec()
 
     @field_validator("name")
@@ -712,6 +778,8 @@ class SweepSpec(_Strict):
             problems.append(
                 f"selection.ranges: no range for weighted or watched metric(s) {missing_ranges}"
             )
+        if self.launcher.kind == "ray" and self.launcher.scheduler.kind != "fifo":
+            problems.extend(self._scheduler_problems(self.launcher.scheduler))
         if "fid" in self.selection.collapse.metrics:
             problems.append(
                 "selection.collapse.metrics: 'fid' is lower-is-better; it cannot collapse"
@@ -719,6 +787,21 @@ class SweepSpec(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _scheduler_problems(self, scheduler: AshaSchedulerSpec | MedianSchedulerSpec) -> list[str]:
+        problems, field = [], "launcher.scheduler"
+        max_t = getattr(scheduler, "max_t", None)
+        if max_t is not None and max_t > self.grid.max_steps:
+            problems.append(
+                f"{field}.max_t: {max_t} is beyond grid.max_steps ({self.grid.max_steps})"
+            )
+        horizon = max_t or self.grid.max_steps
+        if scheduler.grace_period is not None and scheduler.grace_period >= horizon:
+            problems.append(
+                f"{field}.grace_period: {scheduler.grace_period} must be below max_t or "
+                f"grid.max_steps ({horizon}): no trial could be stopped"
+            )
+        return problems
 
     # Derived values: computed here so no caller re-implements a default.
     @property
@@ -849,7 +932,11 @@ MOVED_KEYS = {
 }
 
 
-LAUNCHERS: dict[str, type[BaseModel]] = {"local": LocalLauncherSpec, "slurm": SlurmLauncherSpec}
+LAUNCHERS: dict[str, type[BaseModel]] = {
+    "local": LocalLauncherSpec,
+    "slurm": SlurmLauncherSpec,
+    "ray": RayLauncherSpec,
+}
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster.cpu_threads import THREAD_VARIABLES
+
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART_SUBJECTS = REPO / "configs" / "subjects"
 
@@ -73,13 +75,14 @@ def write_spec(tmp_path: Path, spec: dict, name: str = "sweep.yaml") -> Path:
 
 
 def dreamsweep(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI in a subprocess, as a user would."""
+    """Run the real CLI in a subprocess, as a user would (who has not set OMP_NUM_THREADS)."""
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
     return subprocess.run(
         [sys.executable, "-m", "launch.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
-        env={**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)},
+        env={**env, "COLUMNS": "200", "PYTHONPATH": str(REPO)},
         timeout=900,
     )
 
@@ -160,3 +163,70 @@ class Recorder:
 
     def on_finish(self) -> None:
         pass
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Run `dreamsweep run` + `select` on a copy of configs/ (outputs land in the copy); shared
+    by the quickstart tests and the launchers' tests that compare against it."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("quickstart")
+    shutil.copytree(REPO / "configs", root / "configs")
+    spec = "configs/quickstart.yaml"
+    run = dreamsweep("run", spec, cwd=root)
+    assert run.returncode == 0, run.stdout + run.stderr
+    select = dreamsweep("select", spec, cwd=root)
+    assert select.returncode == 0, select.stdout + select.stderr
+    uri = f"sqlite:///{root / 'runs' / 'quickstart' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("quickstart")
+    runs = client.search_runs([experiment.experiment_id])
+    return {
+        "root": root,
+        "spec": spec,
+        "run": run,
+        "select": select,
+        "client": client,
+        "runs": runs,
+    }
+
+
+CURVE_KEYS = ("loss", "similarity", "aesthetics", "diversity", "clip_t")
+
+
+def trial_histories(
+    tracking_uri: str, experiment_name: str
+) -> dict[str, dict[str, dict[int, float]]]:
+    """trial label → metric → step → value, from a sweep's MLflow store; every trial FINISHED
+    and every curve with one point per step."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`dreamsweep.role` = 'trial'"
+    )
+    out = {}
+    for run in runs:
+        assert run.info.status == "FINISHED", run.data.tags.get("dreamsweep.error")
+        out[run.info.run_name] = {}
+        for key in CURVE_KEYS:
+            logged = client.get_metric_history(run.info.run_id, key)
+            history = {m.step: m.value for m in logged}
+            assert len(logged) == len(history), (run.info.run_name, key)  # no duplicate step
+            out[run.info.run_name][key] = history
+    return out
+
+
+def assert_same_curves(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for label in a:
+        for key in a[label]:
+            assert a[label][key].keys() == b[label][key].keys(), (label, key)
+            for step, value in a[label][key].items():
+                assert value == pytest.approx(b[label][key][step], rel=1e-5, abs=1e-7), (
+                    label,
+                    key,
+                    step,
+                )

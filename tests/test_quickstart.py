@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,30 +34,6 @@ METHOD_FILES = {
 }
 
 
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Run `dreamsweep run` + `select` on a copy of configs/ (outputs land in the copy)."""
-    root = tmp_path_factory.mktemp("quickstart")
-    shutil.copytree(REPO / "configs", root / "configs")
-    spec = "configs/quickstart.yaml"
-    run = dreamsweep("run", spec, cwd=root)
-    assert run.returncode == 0, run.stdout + run.stderr
-    select = dreamsweep("select", spec, cwd=root)
-    assert select.returncode == 0, select.stdout + select.stderr
-    uri = f"sqlite:///{root / 'runs' / 'quickstart' / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name("quickstart")
-    runs = client.search_runs([experiment.experiment_id])
-    return {
-        "root": root,
-        "spec": spec,
-        "run": run,
-        "select": select,
-        "client": client,
-        "runs": runs,
-    }
-
-
 def test_parent_and_child_runs(quickstart: dict) -> None:
     runs = quickstart["runs"]
     parents = [r for r in runs if r.data.tags.get("dreamsweep.role") == "sweep"]
@@ -66,6 +42,9 @@ def test_parent_and_child_runs(quickstart: dict) -> None:
     assert len(children) == 12
     parent_id = parents[0].info.run_id
     assert all(c.data.tags["mlflow.parentRunId"] == parent_id for c in children)
+    # max_parallel: 2 trials side by side share the cores instead of each taking them all.
+    share = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert {c.data.tags[f"{TAG_SETUP_PREFIX}cpu_threads"] for c in children} == {share}
     assert all(c.info.status == "FINISHED" for c in children)
     assert sorted(
         (c.data.params["subject"], c.data.params["method"], c.data.params["num_images"])

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, dreamsweep, small_spec, write_spec
+from conftest import (
+    REPO,
+    assert_same_curves,
+    dreamsweep,
+    small_spec,
+    trial_histories,
+    write_spec,
+)
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
@@ -76,17 +83,35 @@ def slurm_cluster():
     subprocess.run([str(DEV_SLURM), "down"], check=True, capture_output=True)
 
 
+ENDED = {
+    "BOOT_FAIL",
+    "CANCELLED",
+    "COMPLETED",
+    "DEADLINE",
+    "FAILED",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "TIMEOUT",
+}
+
+
 def wait_for_jobs(job_ids: list[str], *, timeout: float = 400) -> None:
-    """Until SLURM holds none of the jobs (finished, failed or cancelled)."""
+    """Until every job has ended (completed, failed or cancelled). SLURM lists an ended job for
+    MinJobAge seconds with `--states=all`; a job it no longer lists at all has ended too. A
+    failed squeue (the controller busy) is asked again, never read as "nothing queued"."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         listed = subprocess.run(
-            ["squeue", "--noheader", "--array", "--format=%i", "--jobs", ",".join(job_ids)],
+            ["squeue", "--noheader", "--array", "--states=all", "--format=%i %T"],
             capture_output=True,
             text=True,
-        ).stdout.split()
-        if not listed:
-            return
+        )
+        if listed.returncode == 0:
+            states = dict(line.split() for line in listed.stdout.splitlines() if line.strip())
+            arrays = {job.split("_")[0] for job in job_ids}
+            held = {job: state for job, state in states.items() if job.split("_")[0] in arrays}
+            if all(state in ENDED for state in held.values()):
+                return
         time.sleep(1)
     raise AssertionError(f"SLURM jobs {job_ids} still queued after {timeout} s")
 
@@ -95,39 +120,6 @@ def squeue_reason(job: str) -> str:
     return subprocess.run(
         ["squeue", "--noheader", "--format=%T %r", "--jobs", job], capture_output=True, text=True
     ).stdout
-
-
-def trial_histories(spec) -> dict[str, dict[str, dict[int, float]]]:
-    """trial label → metric → step → value, from the sweep's MLflow store."""
-    client = MlflowClient(tracking_uri=spec.tracking_uri)
-    experiment = client.get_experiment_by_name(spec.experiment_name)
-    runs = client.search_runs(
-        [experiment.experiment_id], filter_string="tags.`dreamsweep.role` = 'trial'"
-    )
-    out = {}
-    for run in runs:
-        assert run.info.status == "FINISHED", run.data.tags.get("dreamsweep.error")
-        out[run.info.run_name] = {
-            key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
-            for key in ("loss", "similarity", "diversity", "clip_t")
-        }
-        for key, history in out[run.info.run_name].items():  # one point per step, no gaps
-            logged = client.get_metric_history(run.info.run_id, key)
-            assert len(logged) == len(history), key
-    return out
-
-
-def assert_same_curves(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for label in a:
-        for key in a[label]:
-            assert a[label][key].keys() == b[label][key].keys(), (label, key)
-            for step, value in a[label][key].items():
-                assert value == pytest.approx(b[label][key][step], rel=1e-5, abs=1e-7), (
-                    label,
-                    key,
-                    step,
-                )
 
 
 @pytest.mark.slow
@@ -156,7 +148,10 @@ def test_a_sweep_runs_as_a_job_array_and_equals_the_local_launcher(
     local_spec = load_spec(write_spec(locally, small_spec(locally, grid=grid)))
     outcome = run_local(local_spec, console=Console(file=io.StringIO()))
     assert not outcome.failed
-    assert_same_curves(trial_histories(spec), trial_histories(local_spec))
+    assert_same_curves(
+        trial_histories(spec.tracking_uri, spec.experiment_name),
+        trial_histories(local_spec.tracking_uri, local_spec.experiment_name),
+    )
 
     again = dreamsweep("run", str(path), cwd=on_slurm)
     assert "2 already done, 0 still in SLURM, 0 to submit" in again.stdout
@@ -183,7 +178,7 @@ def test_a_two_node_trial_equals_one_process_with_the_same_global_batch(
         [trial] = expand_grid(spec)
         _, checkpoint = latest_checkpoint(checkpoints_root(trial))
         weights = torch.load(checkpoint / TRAINER_STATE, weights_only=True)["trainable"]
-        return trial_histories(spec), weights
+        return trial_histories(spec.tracking_uri, spec.experiment_name), weights
 
     two_nodes = {"kind": "slurm", "nodes": 2, "processes_per_node": 1, "time_min": 10}
     parallel_curves, parallel = trained(tmp_path / "two", batch_size=1, launcher=two_nodes)
@@ -229,12 +224,14 @@ def test_a_signalled_trial_checkpoints_requeues_and_resumes_into_the_same_run(
         assert time.monotonic() < deadline, "the trial never started training"
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    # SLURM holds a requeued job back for a while (BeginTime); release it rather than wait.
+    # SLURM holds a requeued job back for one credential lifetime (BeginTime; 10 s on the dev
+    # cluster), then starts it again. Releasing it sooner makes the node refuse it (its old
+    # credential is revoked), so wait.
     while "BeginTime" not in squeue_reason(job):
         assert time.monotonic() < deadline + 300, "the job was not requeued"
         time.sleep(0.5)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     wait_for_jobs([job], timeout=300)
+    logs = "\n".join(p.read_text() for p in sorted(on_slurm.rglob("*.log*")) if p.is_file())
 
     [run] = client.search_runs(
         [client.get_experiment_by_name(spec.experiment_name).experiment_id],
@@ -242,14 +239,17 @@ def test_a_signalled_trial_checkpoints_requeues_and_resumes_into_the_same_run(
     )
     paused = int(run.data.tags["dreamsweep.paused_at_step"])
     assert 3 <= paused < 12
-    assert int(run.data.tags["dreamsweep.resumed_from_step"]) == paused
+    assert run.data.tags.get("dreamsweep.resumed_from_step") == str(paused), logs
     assert sorted(logged_steps()) == list(range(1, 13))  # no gap, no duplicate
 
     locally = tmp_path / "local"
     locally.mkdir()
     local_spec = load_spec(write_spec(locally, small_spec(locally, grid=grid)))
     assert not run_local(local_spec, console=Console(file=io.StringIO())).failed
-    assert_same_curves(trial_histories(spec), trial_histories(local_spec))
+    assert_same_curves(
+        trial_histories(spec.tracking_uri, spec.experiment_name),
+        trial_histories(local_spec.tracking_uri, local_spec.experiment_name),
+    )
 
 
 @pytest.mark.slow

@@ -137,6 +137,7 @@ def describe_setup(
     setup["optimizer"] = f"{type(inner).__module__}.{type(inner).__name__}"
     setup["optimizer_wrappers"] = " > ".join(type(o).__name__ for o in chain[:-1]) or "-"
     setup["offloaded"] = ",".join(offloaded) or "-"
+    setup["cpu_threads"] = str(torch.get_num_threads())
     return setup
 
 

@@ -1,0 +1,149 @@
+"""Where a Ray Tune trial lands: a function trainable that runs the trial's worker.
+
+The trainable starts the same worker as the local launcher (`python -m cluster.trial`, or
+torchrun for several processes), so the training loop, its MLflow child run and its checkpoints
+are the other launchers' own. It reads the worker's event lines and reports to Tune at every
+evaluated step: the metrics, the weighted score the scheduler ranks on, and that step's
+checkpoint. A retried trial (Tune's max_failures) finds its checkpoints on disk, or copies the
+newest one back from Tune's storage when it lands on a node that does not share the folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from cluster.signals import DIE_WITH_PARENT, die_with_parent
+from launch import events
+from launch.grid import TrialConfig
+from launch.local import worker_command, write_trial_json
+from selection.scoring import weighted_scores
+from trainers.checkpoint import begin_checkpoint, latest_checkpoint, publish_checkpoint
+from trainers.loop import checkpoints_root
+
+SCORE = "score"
+"""The reported metric the schedulers rank on: the weighted, min–max-scaled score."""
+STEP = "step"
+"""The reported training step: the schedulers' time axis."""
+LOG_TAIL_LINES = 20
+
+
+def _node_address() -> str:
+    import ray.util
+
+    return ray.util.get_node_ip_address()
+
+
+def step_score(trial: TrialConfig, metrics: dict[str, float]) -> float | None:
+    """The weighted score of one evaluated step; None when a weighted metric is missing."""
+    weights = trial.selection.weights_for(trial.eval.metrics)
+    histories = {name: {0: value} for name, value in metrics.items()}
+    return weighted_scores(histories, weights, trial.selection.ranges).get(0)
+
+
+def restore_from_tune(trial: TrialConfig) -> int | None:
+    """Copy Tune's newest checkpoint of this trial into its checkpoint folder when that folder
+    holds nothing as recent (a retry on another node); returns the step copied, or None."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        step = int((Path(folder) / "COMPLETE").read_text())
+        root = checkpoints_root(trial)
+        local = latest_checkpoint(root)
+        if local is not None and local[0] >= step:
+            return None
+        staging = begin_checkpoint(root, step)
+        shutil.copytree(folder, staging, dirs_exist_ok=True)
+        (staging / "COMPLETE").unlink()
+        publish_checkpoint(root, step)
+    return step
+
+
+def ray_trial(
+    config: dict[str, Any], *, trials: dict[str, str], parent_run_id: str, processes: int
+) -> None:
+    """Tune's function trainable: `config["trial_id"]` picks the trial from `trials` (JSON)."""
+    trial = TrialConfig.model_validate_json(trials[config["trial_id"]])
+    restore_from_tune(trial)
+    trial_json = write_trial_json(trial)
+    log_path = trial.output_dir / "worker.log"
+    tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+    pending: tuple[int, dict[str, float]] | None = None
+
+    def report(worker: subprocess.Popen, checkpoint_folder: str | None = None) -> None:
+        """Report the pending evaluation to Tune, the worker held still meanwhile.
+
+        `tune.report` returns once the scheduler has taken the result and lets the trial go on;
+        holding the worker meanwhile keeps a stopped trial's curves ending at the step it was
+        stopped on."""
+        nonlocal pending
+        assert pending is not None
+        step, metrics = pending
+        pending = None
+        score = step_score(trial, metrics)
+        result = {STEP: step, **metrics, **({SCORE: score} if score is not None else {})}
+        checkpoint = (
+            tune.Checkpoint.from_directory(checkpoint_folder) if checkpoint_folder else None
+        )
+        os.killpg(worker.pid, signal.SIGSTOP)
+        try:
+            tune.report(result, checkpoint=checkpoint)
+        except BaseException:
+            # Tune stops a trial by raising SystemExit here: end the worker where it stands,
+            # before it logs past the step the trial was stopped on.
+            os.killpg(worker.pid, signal.SIGKILL)
+            raise
+        os.killpg(worker.pid, signal.SIGCONT)
+
+    # Ray sets OMP_NUM_THREADS to the trial's CPUs; several processes share them.
+    threads = str(max(1, int(os.environ.get("OMP_NUM_THREADS", "1")) // processes))
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": threads,
+        "PYTHONUNBUFFERED": "1",
+        DIE_WITH_PARENT: "1",  # torchrun's ranks too, when torchrun dies with this actor
+    }
+    command = worker_command(trial_json, parent_run_id, processes)
+    with open(log_path, "a", encoding="utf-8") as log:
+        context = ray.get_runtime_context()
+        log.write(f"Ray Tune trial on node {context.get_node_id()} ({_node_address()})\n")
+        with subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,  # its own process group, paused and resumed as one
+            preexec_fn=die_with_parent,
+        ) as worker:
+            assert worker.stdout is not None
+            for line in worker.stdout:
+                event = events.parse(line)
+                if event is None:
+                    log.write(line)
+                    log.flush()
+                    tail.append(line.rstrip("\n"))
+                    continue
+                kind = event["event"]
+                if kind == "evaluation":
+                    pending = (event["step"], event["metrics"])
+                elif kind == "checkpoint" and pending is not None and pending[0] == event["step"]:
+                    report(worker, event["path"])  # the evaluated step's own checkpoint
+                elif pending is not None and kind in ("step", "early_stop", "finish"):
+                    report(worker)  # step 0 (no checkpoint), or a step without one
+            returncode = worker.wait()
+    if returncode != 0:
+        lines = "\n".join(tail)
+        raise RuntimeError(
+            f"trial {trial.label} ({trial.trial_id}): worker exited with status {returncode}; "
+            f"log: {log_path}; its last lines:\n{lines}"
+        )
