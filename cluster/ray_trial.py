@@ -26,8 +26,12 @@ from launch import events
 from launch.grid import TrialConfig
 from launch.local import worker_command, write_trial_json
 from selection.scoring import weighted_scores
-from trainers.checkpoint import begin_checkpoint, latest_checkpoint, publish_checkpoint
-from trainers.loop import checkpoints_root
+from trainers.checkpoint import (
+    begin_checkpoint,
+    checkpoints_root,
+    latest_checkpoint,
+    publish_checkpoint,
+)
 
 SCORE = "score"
 """The reported metric the schedulers rank on: the weighted, min–max-scaled score."""

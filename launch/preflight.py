@@ -13,6 +13,7 @@ _NEEDS = {
     ("train.attention", "xformers"): ("xformers", "xformers"),
     ("train.deepspeed", "set"): ("deepspeed", "deepspeed"),
     ("eval.fid_features", "inception"): ("torch_fidelity", "'dreamsweep[fid]'"),
+    ("launcher.kind", "ray"): ("ray", "'dreamsweep[ray]'"),
 }
 
 
@@ -22,6 +23,7 @@ def missing_packages(spec: SweepSpec) -> list[str]:
         ("train.optimizer", spec.train.optimizer),
         ("train.attention", spec.train.attention),
         ("train.deepspeed", "set" if spec.train.deepspeed is not None else "unset"),
+        ("launcher.kind", spec.launcher.kind),
     }
     if "fid" in spec.eval.metrics:
         chosen.add(("eval.fid_features", spec.eval.fid_features))

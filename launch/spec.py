@@ -485,7 +485,7 @@ class CollapseSpec(_Strict):
 
 
 class EarlyStopSpec(_Strict):
-    """Stop a trial early (local and SLURM launchers; the trial counts as finished)."""
+    """Stop a trial early, in its worker (every launcher; the trial counts as finished)."""
 
     patience: int = Field(ge=1)
     """Evaluations without a better weighted score, with a collapse detected, before stopping."""
@@ -932,6 +932,11 @@ MOVED_KEYS = {
 }
 
 
+SCHEDULERS: dict[str, type[BaseModel]] = {
+    "fifo": FifoSchedulerSpec,
+    "asha": AshaSchedulerSpec,
+    "median": MedianSchedulerSpec,
+}
 LAUNCHERS: dict[str, type[BaseModel]] = {
     "local": LocalLauncherSpec,
     "slurm": SlurmLauncherSpec,
@@ -945,9 +950,11 @@ def _describe(error: dict[str, Any]) -> str:
     if len(loc) >= 2 and loc[0] == "launcher" and loc[1] in LAUNCHERS:
         # pydantic puts the union's tag in the location: launcher.slurm.nodes → launcher.nodes
         launcher, loc = LAUNCHERS[loc[1]], (loc[0], *loc[2:])
+        if len(loc) >= 3 and loc[1] == "scheduler" and loc[2] in SCHEDULERS:
+            launcher, loc = SCHEDULERS[loc[2]], (*loc[:2], *loc[3:])
     field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     if error["type"] == "extra_forbidden":
-        if launcher is not None and len(loc) == 2:
+        if launcher is not None and len(loc) == (3 if loc[1] == "scheduler" else 2):
             allowed = list(launcher.model_fields)
         else:
             allowed = _allowed_keys(SweepSpec, loc[:-1]) or []

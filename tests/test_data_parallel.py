@@ -15,8 +15,8 @@ from rich.console import Console
 from launch.grid import expand_grid
 from launch.local import run_local
 from launch.spec import load_spec
-from trainers.checkpoint import latest_checkpoint
-from trainers.loop import TRAINER_STATE, checkpoints_root
+from trainers.checkpoint import checkpoints_root, latest_checkpoint
+from trainers.loop import TRAINER_STATE
 
 pytestmark = pytest.mark.slow
 

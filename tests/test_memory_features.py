@@ -18,8 +18,8 @@ from cluster.accelerator import deepspeed_config
 from launch.cache import cache_root
 from launch.grid import TrialConfig, expand_grid
 from launch.spec import TrainSpec, load_spec
-from trainers.checkpoint import complete_checkpoints, steps_to_remove
-from trainers.loop import TRAINER_STATE, checkpoints_root
+from trainers.checkpoint import checkpoints_root, complete_checkpoints, steps_to_remove
+from trainers.loop import TRAINER_STATE
 from trainers.memory import MissingPackageError
 
 

@@ -217,7 +217,8 @@ def test_a_killed_driver_is_restored_and_finishes_only_what_was_unfinished(
         deadline = time.monotonic() + 300
         while True:
             assert time.monotonic() < deadline, "the sweep did not get far enough"
-            runs = trial_runs(path) if (output / "mlflow.db").exists() else {}
+            # Trial folders appear once the driver has set up the store: read it from then on.
+            runs = trial_runs(path) if (output / "trials").exists() else {}
             done = [r for r in runs.values() if r.info.status == "FINISHED"]
             if len(done) == 1:
                 first_id = done[0].data.tags[TAG_TRIAL]

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 from launch.cache import cache_root
 from launch.grid import expand_grid
 from launch.spec import load_spec
+from trainers.checkpoint import checkpoints_root
 from trainers.data import load_subject_pixels
-from trainers.loop import checkpoints_root
 from trainers.models import load_base_model, resolve_model_source
 
 STEPS = 3

@@ -26,8 +26,8 @@ from launch.grid import expand_grid
 from launch.local import run_local
 from launch.slurm import sbatch_script, submit_slurm
 from launch.spec import SpecError, load_spec
-from trainers.checkpoint import latest_checkpoint
-from trainers.loop import TRAINER_STATE, checkpoints_root
+from trainers.checkpoint import checkpoints_root, latest_checkpoint
+from trainers.loop import TRAINER_STATE
 
 GOLDEN = Path(__file__).parent / "golden"
 DEV_SLURM = REPO / "cluster" / "dev_slurm.sh"

@@ -252,3 +252,26 @@ def test_default_weights_need_a_study_metric(tmp_path: Path) -> None:
     spec = small_spec(tmp_path, eval={"metrics": ["clip_t", "in_domain"]})
     [problem] = problems_of(write_spec(tmp_path, spec))
     assert "cover none of eval.metrics ['clip_t', 'in_domain']; set selection.weights" in problem
+
+
+def test_ray_launcher_and_scheduler_options_are_checked(tmp_path: Path) -> None:
+    spec = small_spec(
+        tmp_path,
+        grid={"num_images": [2], "max_steps": 8, "eval_every": 2},
+        launcher={"kind": "ray", "gpu_per_trial": 1, "scheduler": {"kind": "asha", "rungs": 3}},
+    )
+    problems = problems_of(write_spec(tmp_path, spec))
+    assert sorted(problems) == [
+        "launcher.gpu_per_trial: unknown key; allowed keys: kind, address, cpus_per_trial, "
+        "gpus_per_trial, processes_per_trial, max_concurrent_trials, scheduler, max_failures, "
+        "keep_checkpoints",
+        "launcher.scheduler.rungs: unknown key; allowed keys: kind, grace_period, "
+        "reduction_factor, max_t",
+    ]
+    asha = {"kind": "asha", "grace_period": 12, "max_t": 10}
+    spec["launcher"] = {"kind": "ray", "scheduler": asha}
+    problems = problems_of(write_spec(tmp_path, spec))
+    assert any("launcher.scheduler.max_t: 10 is beyond grid.max_steps (8)" in p for p in problems)
+    assert any("launcher.scheduler.grace_period: 12 must be below" in p for p in problems)
+    spec["launcher"] = {"kind": "ray", "scheduler": "median"}  # a name alone is a scheduler
+    assert load_spec(write_spec(tmp_path, spec)).launcher.scheduler.kind == "median"

@@ -11,9 +11,18 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from launch.grid import TrialConfig
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def checkpoints_root(config: TrialConfig) -> Path:
+    """Where a trial's checkpoints live."""
+    return config.output_dir / "checkpoints"
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:

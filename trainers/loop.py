@@ -34,6 +34,7 @@ from trainers.caching import (
 )
 from trainers.checkpoint import (
     begin_checkpoint,
+    checkpoints_root,
     clean_leftovers,
     complete_checkpoints,
     latest_checkpoint,
@@ -76,10 +77,6 @@ class TrialPaused(Exception):
     def __init__(self, step: int) -> None:
         super().__init__(f"paused after checkpointing step {step}")
         self.step = step
-
-
-def checkpoints_root(config: TrialConfig) -> Path:
-    return config.output_dir / "checkpoints"
 
 
 @contextmanager
