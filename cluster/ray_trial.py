@@ -27,6 +27,7 @@ from launch.grid import TrialConfig
 from launch.local import worker_command, write_trial_json
 from selection.scoring import weighted_scores
 from trainers.checkpoint import (
+    COMPLETE,
     begin_checkpoint,
     checkpoints_root,
     latest_checkpoint,
@@ -53,23 +54,28 @@ def step_score(trial: TrialConfig, metrics: dict[str, float]) -> float | None:
     return weighted_scores(histories, weights, trial.selection.ranges).get(0)
 
 
+def copy_back(folder: Path, root: Path) -> int | None:
+    """Publish the checkpoint in `folder` (a copy from Tune's storage) under `root` when `root`
+    holds nothing as recent; returns the step published, or None."""
+    step = int((folder / COMPLETE).read_text())
+    local = latest_checkpoint(root)
+    if local is not None and local[0] >= step:
+        return None
+    staging = begin_checkpoint(root, step)
+    shutil.copytree(folder, staging, dirs_exist_ok=True)
+    (staging / COMPLETE).unlink()  # publish_checkpoint marks it once every file is synced
+    publish_checkpoint(root, step)
+    return step
+
+
 def restore_from_tune(trial: TrialConfig) -> int | None:
-    """Copy Tune's newest checkpoint of this trial into its checkpoint folder when that folder
-    holds nothing as recent (a retry on another node); returns the step copied, or None."""
+    """A retried trial on a node that does not see its folder: bring Tune's newest checkpoint
+    of it back, so the worker resumes from there; returns the step copied, or None."""
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        step = int((Path(folder) / "COMPLETE").read_text())
-        root = checkpoints_root(trial)
-        local = latest_checkpoint(root)
-        if local is not None and local[0] >= step:
-            return None
-        staging = begin_checkpoint(root, step)
-        shutil.copytree(folder, staging, dirs_exist_ok=True)
-        (staging / "COMPLETE").unlink()
-        publish_checkpoint(root, step)
-    return step
+        return copy_back(Path(folder), checkpoints_root(trial))
 
 
 def ray_trial(

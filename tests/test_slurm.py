@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import (
     REPO,
     assert_same_curves,
@@ -123,38 +125,41 @@ def squeue_reason(job: str) -> str:
 
 
 @pytest.mark.slow
-def test_a_sweep_runs_as_a_job_array_and_equals_the_local_launcher(
-    slurm_cluster, tmp_path: Path
+def test_the_quickstart_runs_as_a_job_array_and_equals_the_local_launcher(
+    slurm_cluster, quickstart: dict, tmp_path: Path
 ) -> None:
-    grid = {"num_images": [2, 4], "max_steps": 4, "eval_every": 2}
-    on_slurm = tmp_path / "slurm"
-    on_slurm.mkdir()
-    spec_dict = small_spec(on_slurm, grid=grid, launcher={"kind": "slurm", "time_min": 10})
-    path = write_spec(on_slurm, spec_dict)
-    submitted = dreamsweep("run", str(path), cwd=on_slurm)
+    """configs/quickstart.yaml with `launcher: slurm`: one array of 12 tasks on the 2-node
+    cluster, every curve equal to the local launcher's run of the same file."""
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    path = tmp_path / "configs" / "quickstart.yaml"
+    spec_dict = yaml.safe_load(path.read_text())
+    spec_dict["launcher"] = {"kind": "slurm", "time_min": 30}
+    path.write_text(yaml.safe_dump(spec_dict, sort_keys=False))
+    submitted = dreamsweep("run", "configs/quickstart.yaml", cwd=tmp_path)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    assert "0 still in SLURM, 2 to submit" in submitted.stdout
+    assert "0 still in SLURM, 12 to submit" in submitted.stdout
     assert "is a SQLite file, and launcher.kind is 'slurm'" in submitted.stderr
     spec = load_spec(path)
     jobs = [line.rsplit("job ", 1)[1] for line in submitted.stdout.splitlines() if ": job " in line]
-    assert len(jobs) == 2 and all("_" in j for j in jobs)  # two tasks of one array
+    assert len(jobs) == 12 and all("_" in j for j in jobs)  # twelve tasks of one array
     assert len({j.split("_")[0] for j in jobs}) == 1
-    wait_for_jobs(jobs)
-    status = dreamsweep("status", str(path), cwd=on_slurm)
-    assert status.stdout.count("FINISHED") == 2, status.stdout
+    wait_for_jobs(jobs, timeout=900)
+    status = dreamsweep("status", "configs/quickstart.yaml", cwd=tmp_path)
+    assert status.stdout.count("FINISHED") == 12, status.stdout
 
-    locally = tmp_path / "local"
-    locally.mkdir()
-    local_spec = load_spec(write_spec(locally, small_spec(locally, grid=grid)))
-    outcome = run_local(local_spec, console=Console(file=io.StringIO()))
-    assert not outcome.failed
+    locally = load_spec(quickstart["root"] / "configs" / "quickstart.yaml")
     assert_same_curves(
         trial_histories(spec.tracking_uri, spec.experiment_name),
-        trial_histories(local_spec.tracking_uri, local_spec.experiment_name),
+        trial_histories(locally.tracking_uri, locally.experiment_name),
     )
-
-    again = dreamsweep("run", str(path), cwd=on_slurm)
-    assert "2 already done, 0 still in SLURM, 0 to submit" in again.stdout
+    again = dreamsweep("run", "configs/quickstart.yaml", cwd=tmp_path)
+    assert "12 already done, 0 still in SLURM, 0 to submit" in again.stdout
+    # Each task's worker sized its threads to the CPUs SLURM gave it (cpus_per_task: 1), not
+    # to the node, which the dev cluster does not bind tasks to.
+    client = MlflowClient(tracking_uri=spec.tracking_uri)
+    experiment = client.get_experiment_by_name(spec.experiment_name)
+    runs = client.search_runs([experiment.experiment_id], "tags.`dreamsweep.role` = 'trial'")
+    assert {r.data.tags["dreamsweep.setup.cpu_threads"] for r in runs} == {"1"}
 
 
 @pytest.mark.slow
