@@ -8,6 +8,7 @@ import pytest
 from conftest import REPO, dreamsweep, small_spec, write_spec
 from PIL import Image
 
+from launch.preflight import tracking_warnings
 from launch.spec import SpecError, load_spec
 
 
@@ -275,3 +276,16 @@ def test_ray_launcher_and_scheduler_options_are_checked(tmp_path: Path) -> None:
     assert any("launcher.scheduler.grace_period: 12 must be below" in p for p in problems)
     spec["launcher"] = {"kind": "ray", "scheduler": "median"}  # a name alone is a scheduler
     assert load_spec(write_spec(tmp_path, spec)).launcher.scheduler.kind == "median"
+
+
+def test_validate_warns_when_a_cluster_launcher_writes_to_a_sqlite_file(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, small_spec(tmp_path, launcher={"kind": "ray"}))
+    checked = dreamsweep("validate", str(path), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "is a SQLite file, and launcher.kind is 'ray'" in checked.stderr
+    assert "network filesystems do not honour SQLite's locks" in checked.stderr
+    for launcher in ({"kind": "slurm"}, {"kind": "ray"}, {"kind": "local"}):
+        on_sqlite = load_spec(write_spec(tmp_path, small_spec(tmp_path, launcher=launcher)))
+        assert bool(tracking_warnings(on_sqlite)) == (launcher["kind"] != "local")
+        served = small_spec(tmp_path, launcher=launcher, tracking={"uri": "http://127.0.0.1:5000"})
+        assert tracking_warnings(load_spec(write_spec(tmp_path, served))) == []
