@@ -13,8 +13,12 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask: what SLURM or a cgroup allows)."""
-    return len(os.sched_getaffinity(0))
+    """Cores this process may run on: its affinity mask, and inside a SLURM job no more than
+    the CPUs SLURM gave the task (clusters without CPU binding, TaskPlugin=task/none, leave the
+    mask at the whole node, which other jobs share)."""
+    cores = len(os.sched_getaffinity(0))
+    allocated = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SLURM_CPUS_ON_NODE")
+    return min(cores, int(allocated)) if allocated else cores
 
 
 def thread_environment(processes_sharing_cores: int, *, cores: int | None = None) -> dict[str, str]:

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import ray.util
 from ray import tune
 
 from cluster.signals import DIE_WITH_PARENT, die_with_parent
 from launch import events
 from launch.grid import TrialConfig
-from launch.local import worker_command, write_trial_json
+from launch.local import LOG_TAIL_LINES, worker_command, write_trial_json
 from selection.scoring import weighted_scores
 from trainers.checkpoint import (
     COMPLETE,
@@ -38,13 +39,6 @@ SCORE = "score"
 """The reported metric the schedulers rank on: the weighted, min–max-scaled score."""
 STEP = "step"
 """The reported training step: the schedulers' time axis."""
-LOG_TAIL_LINES = 20
-
-
-def _node_address() -> str:
-    import ray.util
-
-    return ray.util.get_node_ip_address()
 
 
 def step_score(trial: TrialConfig, metrics: dict[str, float]) -> float | None:
@@ -125,7 +119,8 @@ def ray_trial(
     command = worker_command(trial_json, parent_run_id, processes)
     with open(log_path, "a", encoding="utf-8") as log:
         context = ray.get_runtime_context()
-        log.write(f"Ray Tune trial on node {context.get_node_id()} ({_node_address()})\n")
+        address = ray.util.get_node_ip_address()
+        log.write(f"Ray Tune trial on node {context.get_node_id()} ({address})\n")
         with subprocess.Popen(
             command,
             stdout=subprocess.PIPE,

@@ -90,13 +90,6 @@ def node_command(
     ]
 
 
-def _allocated_cpus(environ: dict[str, str]) -> int | None:
-    """The CPUs SLURM gave this task: clusters without CPU binding (TaskPlugin=task/none) leave
-    the affinity mask at the whole node, which other jobs share."""
-    cpus = environ.get("SLURM_CPUS_PER_TASK") or environ.get("SLURM_CPUS_ON_NODE")
-    return int(cpus) if cpus else None
-
-
 def _ignore_scheduler_signals() -> None:
     for scheduler_signal in SCHEDULER_SIGNALS:
         signal.signal(scheduler_signal, signal.SIG_IGN)
@@ -130,9 +123,7 @@ class TrialTask(submitit.helpers.Checkpointable):
                 stderr=subprocess.STDOUT,
                 env={
                     **os.environ,
-                    **thread_environment(
-                        self.processes_per_node, cores=_allocated_cpus(dict(os.environ))
-                    ),
+                    **thread_environment(self.processes_per_node),
                     "PYTHONUNBUFFERED": "1",
                 },
                 start_new_session=True,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from cluster.cpu_threads import thread_environment
+from cluster.cpu_threads import thread_environment, usable_cores
 
 
 def test_processes_side_by_side_get_an_equal_share_of_the_cores(
@@ -19,3 +21,11 @@ def test_processes_side_by_side_get_an_equal_share_of_the_cores(
 def test_the_users_thread_count_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert thread_environment(2, cores=8) == {}
+
+
+def test_a_slurm_task_counts_only_the_cpus_it_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SLURM_CPUS_ON_NODE", raising=False)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert usable_cores() == 1
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    assert usable_cores() == len(os.sched_getaffinity(0))
