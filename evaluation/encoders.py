@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from launch.cache import cache_key, cache_root
-from trainers.data import load_rgb
+from trainers.images import load_rgb
 
 
 class ImageEncoder(Protocol):

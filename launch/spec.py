@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from PIL import Image, UnidentifiedImageError
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -24,8 +23,9 @@ from pydantic import (
     model_validator,
 )
 
+from trainers.images import image_problem
+
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PROMPT_SLOTS = ("token", "class")
 LearningRates = Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)]
 TINY = "tiny"
@@ -829,17 +829,6 @@ def subject_image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def _check_image(path: Path) -> str | None:
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        return f"not an image file (allowed: {', '.join(IMAGE_SUFFIXES)})"
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        return f"unreadable image ({err.__class__.__name__}: {err})"
-    return None
-
-
 def check_subject_files(spec: SweepSpec) -> list[str]:
     """Problems with the image folders the spec points at (every one, not just the first)."""
     problems = []
@@ -854,7 +843,7 @@ def check_subject_files(spec: SweepSpec) -> list[str]:
             problems.append(f"{field}: folder {str(subject.images)!r} has no images")
             continue
         for path in files:
-            reason = _check_image(path)
+            reason = image_problem(path)
             if reason:
                 problems.append(f"{field}: {str(path)!r} is {reason}")
         if len(files) < needed:
@@ -895,7 +884,7 @@ def check_eval_files(spec: SweepSpec) -> list[str]:
                     "FID needs at least 2"
                 )
             for path in files:
-                reason = _check_image(path)
+                reason = image_problem(path)
                 if reason:
                     problems.append(f"eval.fid_reference: {str(path)!r} is {reason}")
     return problems

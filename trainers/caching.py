@@ -22,7 +22,7 @@ from launch.cache import cache_key, cache_root
 from trainers.data import load_subject_pixels
 from trainers.models import BaseModel
 
-CACHE_VERSION = "v1"  # bump when what is cached changes meaning
+CACHE_VERSION = "v2"  # bump when what is cached changes meaning
 
 
 def _cached(kind: str, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict:

@@ -6,18 +6,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-
-def load_rgb(path: Path) -> Image.Image:
-    """Open an image upright (EXIF orientation applied) and in RGB."""
-    with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
+from trainers.images import load_rgb
 
 
 def to_training_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     """Resize the short side to `resolution`, centre-crop square, scale to [-1, 1], CHW."""
-    square = ImageOps.fit(image, (resolution, resolution), method=Image.Resampling.BICUBIC)
+    width, height = image.size
+    side = min(width, height)
+    box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+    # reducing_gap: a large photo is first box-reduced to within 3× the target, then bicubic
+    # (indistinguishable from a full bicubic, and seconds faster on a 12000-pixel image).
+    square = image.resize(
+        (resolution, resolution), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0
+    )
     array = np.asarray(square, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
