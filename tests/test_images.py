@@ -23,7 +23,7 @@ RED, GREEN, BLUE = (220, 20, 30), (10, 200, 40), (20, 30, 210)
 
 def pixel(tensor, y: int, x: int) -> tuple[int, int, int]:
     """A training tensor's pixel back in 0..255."""
-    return tuple(int(round((float(v) + 1) * 127.5)) for v in tensor[:, y, x])
+    return tuple(round((float(v) + 1) * 127.5) for v in tensor[:, y, x])
 
 
 def close(got: tuple[int, ...], want: tuple[int, ...], tolerance: int = 12) -> bool:
