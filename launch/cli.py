@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         handler, _ = COMMANDS[args.command]
         return handler(spec, console, args)
     except SpecError as err:
-        Console(stderr=True).print(f"error: {err}", markup=False, highlight=False)
+        # soft_wrap: a long path stays on one line, copy-pasteable
+        Console(stderr=True, soft_wrap=True).print(f"error: {err}", markup=False, highlight=False)
         return 2
     except SlurmError as err:
         Console(stderr=True, soft_wrap=True).print(f"error: {err}", markup=False)

@@ -229,7 +229,7 @@ class MethodsSpec(_Strict):
             repeated = sorted({m for m in value if isinstance(m, str) and value.count(m) > 1})
             if repeated:
                 raise ValueError(f"methods are listed more than once: {repeated}")
-            unknown = [m for m in value if m not in METHOD_OPTIONS]
+            unknown = [m for m in value if not isinstance(m, str) or m not in METHOD_OPTIONS]
             if unknown:
                 raise ValueError(
                     f"unknown method(s) {unknown}; allowed: {', '.join(METHOD_OPTIONS)}"
@@ -978,6 +978,10 @@ def load_spec(path: str | Path, *, check_files: bool = True) -> SweepSpec:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise SpecError(source, [f"cannot read the file: {err.strerror}"]) from None
+    except UnicodeDecodeError as err:
+        raise SpecError(
+            source, [f"not valid YAML: the file is not UTF-8 text (byte {err.start}: {err.reason})"]
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
