@@ -22,6 +22,7 @@ import ray
 import ray.util
 from ray import tune
 
+from cluster.claims import TrialClaimed, claim_trial
 from cluster.signals import DIE_WITH_PARENT, die_with_parent
 from launch import events
 from launch.grid import TrialConfig
@@ -39,6 +40,8 @@ SCORE = "score"
 """The reported metric the schedulers rank on: the weighted, min–max-scaled score."""
 STEP = "step"
 """The reported training step: the schedulers' time axis."""
+NOT_RUN = "not_run"
+"""Reported alone when another submission holds the trial's claim: the driver leaves its run be."""
 
 
 def step_score(trial: TrialConfig, metrics: dict[str, float]) -> float | None:
@@ -77,6 +80,14 @@ def ray_trial(
 ) -> None:
     """Tune's function trainable: `config["trial_id"]` picks the trial from `trials` (JSON)."""
     trial = TrialConfig.model_validate_json(trials[config["trial_id"]])
+    try:
+        with claim_trial(trial.output_dir) as claim:
+            _run(trial, parent_run_id, processes, claim)
+    except TrialClaimed as claimed:
+        tune.report({NOT_RUN: f"another submission is training it ({claimed.holder})"})
+
+
+def _run(trial: TrialConfig, parent_run_id: str, processes: int, claim: int) -> None:
     restore_from_tune(trial)
     trial_json = write_trial_json(trial)
     log_path = trial.output_dir / "worker.log"
@@ -129,6 +140,7 @@ def ray_trial(
             env=env,
             start_new_session=True,  # its own process group, paused and resumed as one
             preexec_fn=die_with_parent,
+            pass_fds=(claim,),  # the worker holds the claim too
         ) as worker:
             assert worker.stdout is not None
             for line in worker.stdout:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import submitit
 
+from cluster.claims import TrialClaimed, claim_trial
 from cluster.cpu_threads import thread_environment
 from cluster.signals import CHECKPOINT_SIGNAL, REQUEUE_EXIT, SCHEDULER_SIGNALS
 
@@ -106,6 +107,16 @@ class TrialTask(submitit.helpers.Checkpointable):
 
     def __call__(self) -> int:
         rendezvous = rendezvous_from_environment(dict(os.environ))
+        if rendezvous.node_rank != 0:  # the first node's task holds the trial's claim
+            return self._run(rendezvous, claim=None)
+        try:
+            with claim_trial(self.trial_json.parent) as claim:
+                return self._run(rendezvous, claim=claim)
+        except TrialClaimed as claimed:
+            print(f"Not run: another submission is training this trial ({claimed.holder})")
+            return 0
+
+    def _run(self, rendezvous: Rendezvous, *, claim: int | None) -> int:
         command = node_command(
             self.trial_json,
             self.parent_run_id,
@@ -128,6 +139,7 @@ class TrialTask(submitit.helpers.Checkpointable):
                 },
                 start_new_session=True,
                 preexec_fn=_ignore_scheduler_signals,
+                pass_fds=() if claim is None else (claim,),  # the worker holds the claim too
             )
             returncode = self._worker.wait()
         if returncode == REQUEUE_EXIT:

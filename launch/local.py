@@ -2,7 +2,8 @@
 
 A worker is `python -m cluster.trial` (or `accelerate launch -m cluster.trial` with several
 processes per trial, so multi-GPU runs the same way). A crashing trial is reported with the end
-of its log and the sweep goes on; finished trials found in MLflow are skipped.
+of its log and the sweep goes on; finished trials found in MLflow are skipped, and so are trials
+another submission of the same sweep is training (their claim, `cluster.claims`, is held).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -26,6 +28,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from cluster.claims import TrialClaimed, claim_trial
 from cluster.cpu_threads import thread_environment
 from launch import events
 from launch.grid import TrialConfig, expand_grid
@@ -41,6 +44,8 @@ class TrialOutcome:
     returncode: int
     log: Path
     log_tail: list[str]
+    not_run: str | None = None
+    """Why this submission did not run the trial (another one holds it, or finished it)."""
 
 
 @dataclass
@@ -52,6 +57,10 @@ class SweepOutcome:
     @property
     def failed(self) -> list[TrialOutcome]:
         return [o for o in self.outcomes if o.returncode != 0]
+
+    @property
+    def not_run(self) -> list[TrialOutcome]:
+        return [o for o in self.outcomes if o.not_run is not None]
 
 
 def worker_command(trial_json: Path, parent_run_id: str, processes: int) -> list[str]:
@@ -83,25 +92,64 @@ def prepare_sweep(
     trials = expand_grid(spec)
     output_dir = spec.resolved_output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
-    tracking = SweepTracking(
-        spec.tracking_uri, spec.experiment_name, artifact_root=output_dir / "mlartifacts"
-    )
-    parent_run_id = tracking.parent_run(
-        spec.name, params={"trials": str(len(trials)), "base_model": spec.base_model}
-    )
+    # Two submissions at once must find (or create) the same parent run, not one each.
+    with FileLock(output_dir / ".sweep.lock"):
+        tracking = SweepTracking(
+            spec.tracking_uri, spec.experiment_name, artifact_root=output_dir / "mlartifacts"
+        )
+        parent_run_id = tracking.parent_run(
+            spec.name, params={"trials": str(len(trials)), "base_model": spec.base_model}
+        )
     done = tracking.finished_trials(parent_run_id)
     skipped = [t for t in trials if t.trial_id in done]
     pending = [t for t in trials if t.trial_id not in done]
     return trials, tracking, parent_run_id, skipped, pending
 
 
+def close_parent_run(
+    tracking: SweepTracking, parent_run_id: str, trials: list[TrialConfig], *, failed: bool
+) -> None:
+    """End the sweep's parent run: FAILED when a trial failed here, FINISHED when every trial is
+    done; otherwise another submission is still training some, and it closes the run."""
+    if failed:
+        tracking.client.set_terminated(parent_run_id, "FAILED")
+    elif {t.trial_id for t in trials} <= tracking.finished_trials(parent_run_id):
+        tracking.client.set_terminated(parent_run_id, "FINISHED")
+
+
 def _run_worker(
+    trial: TrialConfig,
+    tracking: SweepTracking,
+    parent_run_id: str,
+    processes: int,
+    threads: dict[str, str],
+    progress: Progress,
+    task: TaskID,
+) -> TrialOutcome:
+    log_path = trial.output_dir / "worker.log"
+    try:
+        with claim_trial(trial.output_dir) as claim:
+            # Claimed: nobody else trains it now, but another submission may have finished it
+            # since this one listed the trials to run.
+            if trial.trial_id in tracking.finished_trials(parent_run_id):
+                return TrialOutcome(
+                    trial, 0, log_path, [], not_run="finished by another submission"
+                )
+            return _train(trial, parent_run_id, processes, threads, progress, task, claim)
+    except TrialClaimed as claimed:
+        return TrialOutcome(
+            trial, 0, log_path, [], not_run=f"another submission is training it ({claimed.holder})"
+        )
+
+
+def _train(
     trial: TrialConfig,
     parent_run_id: str,
     processes: int,
     threads: dict[str, str],
     progress: Progress,
     task: TaskID,
+    claim: int,
 ) -> TrialOutcome:
     trial_json = write_trial_json(trial)
     log_path = trial.output_dir / "worker.log"
@@ -115,6 +163,7 @@ def _run_worker(
             stderr=subprocess.STDOUT,
             text=True,
             env=env,
+            pass_fds=(claim,),  # the worker holds the claim too: it lasts while either lives
         ) as worker:
             assert worker.stdout is not None
             for line in worker.stdout:
@@ -174,7 +223,14 @@ def run_local(spec: SweepSpec, *, console: Console | None = None) -> SweepOutcom
         with ThreadPoolExecutor(max_workers=spec.launcher.max_parallel) as pool:
             futures = [
                 pool.submit(
-                    _run_worker, t, parent_run_id, processes, threads, progress, tasks[t.trial_id]
+                    _run_worker,
+                    t,
+                    tracking,
+                    parent_run_id,
+                    processes,
+                    threads,
+                    progress,
+                    tasks[t.trial_id],
                 )
                 for t in pending
             ]
@@ -191,17 +247,21 @@ def run_local(spec: SweepSpec, *, console: Console | None = None) -> SweepOutcom
                 progress.update(tasks[outcome.trial.trial_id], visible=False)
                 _report(progress.console, outcome)
 
-    failed = [o for o in outcomes if o.returncode != 0]
-    tracking.client.set_terminated(parent_run_id, "FAILED" if failed else "FINISHED")
+    sweep = SweepOutcome(trials, skipped, outcomes)
+    close_parent_run(tracking, parent_run_id, trials, failed=bool(sweep.failed))
+    trained = len(outcomes) - len(sweep.failed) - len(sweep.not_run)
     console.print(
-        f"Sweep [bold]{spec.name}[/]: {len(outcomes) - len(failed)} trained, {len(failed)} failed, "
-        f"{len(skipped)} skipped (already done)."
+        f"Sweep [bold]{spec.name}[/]: {trained} trained, {len(sweep.failed)} failed, "
+        f"{len(skipped)} skipped (already done), {len(sweep.not_run)} left to another submission."
     )
-    return SweepOutcome(trials, skipped, outcomes)
+    return sweep
 
 
 def _report(console: Console, outcome: TrialOutcome) -> None:
     label = outcome.trial.label
+    if outcome.not_run is not None:
+        console.print(f"- {label} not run here: {outcome.not_run}", markup=False)
+        return
     if outcome.returncode == 0:
         console.print(f"[green]✓[/] {label} finished ({outcome.trial.trial_id})")
         return

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from launch.grid import TrialConfig
-from launch.local import prepare_sweep
+from launch.local import close_parent_run, prepare_sweep
 from launch.spec import RayLauncherSpec, SweepSpec
 from launch.tracking import TAG_EARLY_STOP_REASON, TAG_EARLY_STOP_STEP, SweepTracking
 
@@ -41,6 +41,8 @@ class RaySweepOutcome:
     """Trial id → the step at which the scheduler stopped it."""
     failed: dict[str, str]
     """Trial id → the error, after every retry."""
+    not_run: dict[str, str]
+    """Trial id → why this submission left it (another submission is training it)."""
     restored: bool
     """Whether an interrupted experiment was restored rather than started."""
 
@@ -96,7 +98,7 @@ def run_ray(spec: SweepSpec, *, console: Console | None = None) -> RaySweepOutco
     )
     if not pending:
         console.print("All trials are already done: nothing to train.")
-        return RaySweepOutcome(trials, skipped, [], {}, {}, restored=False)
+        return RaySweepOutcome(trials, skipped, [], {}, {}, {}, restored=False)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # offline clusters; no phoning home
     import ray
@@ -155,13 +157,15 @@ def run_ray(spec: SweepSpec, *, console: Console | None = None) -> RaySweepOutco
     finally:
         ray.shutdown()
     outcome = _close_runs(spec, tracking, parent_run_id, results, trials, skipped, restored)
-    status = "FAILED" if outcome.failed else "FINISHED"
-    tracking.client.set_terminated(parent_run_id, status)
+    close_parent_run(tracking, parent_run_id, trials, failed=bool(outcome.failed))
     console.print(
         f"Sweep [bold]{spec.name}[/]: {len(outcome.finished)} trained, "
         f"{len(outcome.stopped)} stopped early by the {launcher.scheduler.kind} scheduler, "
-        f"{len(outcome.failed)} failed, {len(skipped)} skipped (already done)."
+        f"{len(outcome.failed)} failed, {len(skipped)} skipped (already done), "
+        f"{len(outcome.not_run)} left to another submission."
     )
+    for trial_id, reason in outcome.not_run.items():
+        console.print(f"- trial {trial_id} not run here: {reason}", markup=False)
     for trial_id, error in outcome.failed.items():
         console.print(f"[red]✗ trial {trial_id} failed[/]: {error}", markup=True)
     return outcome
@@ -181,14 +185,17 @@ def _close_runs(
     A trial the scheduler stopped had its actor ended mid-run: its run is closed FINISHED with
     the early-stop tags (as the spec's own early stopping does), so `select` and `report` treat
     it like any trial that stopped early. A trial that failed for good is marked FAILED."""
-    from cluster.ray_trial import STEP
+    from cluster.ray_trial import NOT_RUN, STEP
 
     runs = tracking.trial_runs(parent_run_id)
     by_id = {t.trial_id: t for t in trials}
-    finished, stopped, failed = [], {}, {}
+    finished, stopped, failed, not_run = [], {}, {}, {}
     for result in results:
         trial_id = result.config["trial_id"]
         run = runs.get(trial_id)
+        if NOT_RUN in (result.metrics or {}):
+            not_run[trial_id] = result.metrics[NOT_RUN]
+            continue
         if result.error is not None:
             failed[trial_id] = str(result.error).strip().splitlines()[-1]
             tracking.mark_failed(parent_run_id, trial_id, f"Ray Tune: {failed[trial_id]}")
@@ -208,4 +215,4 @@ def _close_runs(
         tracking.client.set_tag(run.info.run_id, TAG_EARLY_STOP_REASON, reason)
         tracking.client.set_terminated(run.info.run_id, "FINISHED")
         stopped[trial_id] = last_step
-    return RaySweepOutcome(trials, skipped, finished, stopped, failed, restored)
+    return RaySweepOutcome(trials, skipped, finished, stopped, failed, not_run, restored)

@@ -1,0 +1,52 @@
+"""A trial's claim: however many times a sweep is submitted, one worker at a time trains a trial.
+
+The claim is an exclusive `flock` on `<trial folder>/claim.lock`, taken by the process that starts
+the trial's worker, before the worker starts, and inherited by the worker (`pass_fds`). The kernel
+holds it while either process lives and drops it when both are gone, so a killed submission never
+leaves a stale claim behind and a resubmission resumes the trial. The file names the holder, for
+the submission that finds the trial taken.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+CLAIM_FILE = "claim.lock"
+
+
+class TrialClaimed(RuntimeError):
+    """Another process holds the trial's claim (it is training in another submission)."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is held by {holder or 'another process'}")
+        self.path = path
+        self.holder = holder
+
+
+@contextmanager
+def claim_trial(folder: Path) -> Iterator[int]:
+    """Hold the trial's claim for the duration; yields the lock's file descriptor, to pass to
+    the worker so the claim lasts as long as it does. Raises `TrialClaimed` when taken."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CLAIM_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrialClaimed(path, path.read_text(encoding="utf-8").strip()) from None
+        holder = (
+            f"host {socket.gethostname()}, pid {os.getpid()}, "
+            f"since {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n"
+        )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        yield fd
+    finally:
+        os.close(fd)
