@@ -6,9 +6,10 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from cluster.journal import JournaledWriter
 from evaluation.evaluator import Evaluation
 from launch import events
 from launch.tracking import (
@@ -26,14 +27,17 @@ class MlflowReporter:
 
     A retried trial resumes into the same run and may redo steps it had already logged before it
     was killed; (key, step) pairs already in the run are not logged again, so every curve keeps
-    exactly one point per step.
+    exactly one point per step. Writes go through a `JournaledWriter`: while the tracking server
+    is down they are journaled in the trial's folder and replayed once it answers.
     """
 
     flush_every = 50
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, folder: Path) -> None:
         self.client = client
         self.run_id = run_id
+        self.writer = JournaledWriter(client, run_id, folder)
+        self.writer.sync()  # a journal an earlier attempt left, before anything new
         self.pending: list[Metric] = []
         self.logged: set[tuple[str, int]] = set()
         for key in client.get_run(run_id).data.metrics:
@@ -45,15 +49,15 @@ class MlflowReporter:
             self.pending.append(Metric(key, float(value), int(time.time() * 1000), step))
 
     def flush(self) -> None:
-        for start in range(0, len(self.pending), 1000):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, metrics=self.pending[start : start + 1000])
+        if self.pending:
+            self.writer.log_metrics(self.pending)
         self.pending = []
 
     def on_start(self, *, start_step: int, max_steps: int, setup: dict[str, str]) -> None:
-        tags = [RunTag(f"{TAG_SETUP_PREFIX}{key}", value) for key, value in setup.items()]
+        tags = {f"{TAG_SETUP_PREFIX}{key}": value for key, value in setup.items()}
         if start_step:
-            tags.append(RunTag("dreamsweep.resumed_from_step", str(start_step)))
-        self.client.log_batch(self.run_id, tags=tags)
+            tags["dreamsweep.resumed_from_step"] = str(start_step)
+        self.writer.set_tags(tags)
 
     def on_train_step(self, step: int, *, loss: float, lr: float) -> None:
         self._add("loss", loss, step)
@@ -65,30 +69,31 @@ class MlflowReporter:
         for key, value in evaluation.metrics.items():
             self._add(key, value, step)
         self.flush()
-        self.client.log_image(self.run_id, evaluation.grid, f"samples/step_{step:06d}.png")
+        self.writer.log_image(evaluation.grid, f"samples/step_{step:06d}.png")
         if evaluation.records:
             # One file per step, in mlflow.load_table's JSON layout; written with log_text,
             # which overwrites, so a step redone after a resume is not recorded twice
             # (log_table would append).
             table = pd.DataFrame(evaluation.records).assign(step=step)
             text = table.to_json(orient="split", index=False)
-            self.client.log_text(self.run_id, text, records_file(step))
+            self.writer.log_text(text, records_file(step))
 
     def on_checkpoint(self, step: int, path: Path) -> None:
-        self.client.set_tag(self.run_id, TAG_CHECKPOINT.format(step=step), str(path))
+        self.writer.set_tags({TAG_CHECKPOINT.format(step=step): str(path)})
 
     def on_checkpoint_removed(self, step: int) -> None:
         """The retention policy deleted it: its tag would point at nothing."""
-        self.client.delete_tag(self.run_id, TAG_CHECKPOINT.format(step=step))
+        self.writer.delete_tag(TAG_CHECKPOINT.format(step=step))
 
     def on_early_stop(self, step: int, reason: str) -> None:
         self.flush()
-        self.client.set_tag(self.run_id, TAG_EARLY_STOP_STEP, str(step))
-        self.client.set_tag(self.run_id, TAG_EARLY_STOP_REASON, reason)
+        self.writer.set_tags({TAG_EARLY_STOP_STEP: str(step), TAG_EARLY_STOP_REASON: reason})
 
     def on_finish(self) -> None:
         self.flush()
-        self.client.set_terminated(self.run_id, "FINISHED")
+        self.writer.set_terminated("FINISHED")
+        if not self.writer.sync():  # the server is still down: say where the writes wait
+            events.emit("journal_pending", writes=self.writer.pending)
 
 
 class ProgressReporter:

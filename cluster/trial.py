@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
+    from cluster.journal import fail_fast_over_http
+
+    fail_fast_over_http()
     from cluster.accelerator import make_accelerator
     from cluster.reporters import MlflowReporter, ProgressReporter, Reporters
     from launch.grid import TrialConfig
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if state.is_main_process:
         tracking = SweepTracking(config.tracking_uri, config.experiment)
         run_id = tracking.trial_run(args.parent_run_id, config)
-        mlflow_reporter = MlflowReporter(tracking.client, run_id)
+        mlflow_reporter = MlflowReporter(tracking.client, run_id, config.output_dir)
         reporter = Reporters(mlflow_reporter, ProgressReporter())
         # A resumed trial's stopper first reads what the run logged before the interruption.
         history = tracking.evaluations(run_id, config.eval.metrics)
@@ -78,15 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     except TrialPaused as paused:
         if tracking is not None and run_id is not None:
-            tracking.client.set_tag(run_id, TAG_PAUSED, str(paused.step))
             mlflow_reporter.flush()
-            tracking.client.set_terminated(run_id, "KILLED")
+            mlflow_reporter.writer.set_tags({TAG_PAUSED: str(paused.step)})
+            mlflow_reporter.writer.set_terminated("KILLED")
         return REQUEUE_EXIT
     except BaseException as err:
         if tracking is not None and run_id is not None:
-            tracking.client.set_tag(run_id, TAG_ERROR, f"{type(err).__name__}: {err}"[:4000])
+            mlflow_reporter.flush()
+            error = f"{type(err).__name__}: {err}"[:4000]
+            mlflow_reporter.writer.set_tags({TAG_ERROR: error})
             status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-            tracking.client.set_terminated(run_id, status)
+            mlflow_reporter.writer.set_terminated(status)
         raise
     if not state.is_main_process:
         # Other ranks log nothing and hold nothing to flush. In a 2-node SLURM test a non-main

@@ -127,6 +127,35 @@ def _report(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
     return 0
 
 
+def _sync(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
+    from cluster.claims import TrialClaimed, claim_trial
+    from cluster.journal import journal_path, replay_journal, unreachable
+    from launch.local import close_parent_run, prepare_sweep
+
+    trials, tracking, parent_run_id, _, _ = prepare_sweep(spec)
+    journaled = [t for t in trials if journal_path(t.output_dir).exists()]
+    left = 0
+    for trial in journaled:
+        try:
+            with claim_trial(trial.output_dir):
+                writes = replay_journal(tracking.client, trial.output_dir)
+            console.print(f"{trial.label}: replayed {writes} MLflow write(s)", markup=False)
+        except TrialClaimed as claimed:  # its worker replays it itself
+            console.print(f"{trial.label}: running ({claimed.holder}); left to it", markup=False)
+        except Exception as err:
+            if not unreachable(err):
+                raise
+            left += 1
+            console.print(f"{trial.label}: MLflow still unreachable ({err})", markup=False)
+    if not left:
+        close_parent_run(tracking, parent_run_id, trials, failed=False)
+    console.print(
+        f"Sweep {spec.name}: {len(journaled) - left} journal(s) replayed, {left} left.",
+        markup=False,
+    )
+    return 1 if left else 0
+
+
 def _status(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
     from launch.slurm import sweep_status
 
@@ -155,6 +184,7 @@ COMMANDS = {
     "select": (_select, "choose each trial's stop step from its curves in MLflow"),
     "status": (_status, "each trial's SLURM state, last step and metrics (slurm launcher)"),
     "cancel": (_cancel, "cancel the sweep's queued and running SLURM jobs"),
+    "sync": (_sync, "replay the MLflow writes trials journaled while the server was down"),
     "report": (_report, "write the study report: one self-contained HTML page, PNGs and CSVs"),
 }
 
@@ -211,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prompts":
         return _prompts(args)
     console = Console(soft_wrap=True)  # long paths and URIs stay on one line, copy-pasteable
+    from cluster.journal import fail_fast_over_http
+
+    fail_fast_over_http()  # a dead tracking server is reported in seconds, not minutes
     try:
         spec = load_spec(args.spec)
         problems = missing_packages(spec)

@@ -30,6 +30,7 @@ from rich.progress import (
 
 from cluster.claims import TrialClaimed, claim_trial
 from cluster.cpu_threads import thread_environment
+from cluster.journal import JOURNAL_FILE, unreachable
 from launch import events
 from launch.grid import TrialConfig, expand_grid
 from launch.spec import SweepSpec
@@ -108,13 +109,20 @@ def prepare_sweep(
 
 def close_parent_run(
     tracking: SweepTracking, parent_run_id: str, trials: list[TrialConfig], *, failed: bool
-) -> None:
+) -> bool:
     """End the sweep's parent run: FAILED when a trial failed here, FINISHED when every trial is
-    done; otherwise another submission is still training some, and it closes the run."""
-    if failed:
-        tracking.client.set_terminated(parent_run_id, "FAILED")
-    elif {t.trial_id for t in trials} <= tracking.finished_trials(parent_run_id):
-        tracking.client.set_terminated(parent_run_id, "FINISHED")
+    done; otherwise another submission is still training some, and it closes the run. Returns
+    False when the tracking store cannot be reached (`dreamsweep sync` closes it later)."""
+    try:
+        if failed:
+            tracking.client.set_terminated(parent_run_id, "FAILED")
+        elif {t.trial_id for t in trials} <= tracking.finished_trials(parent_run_id):
+            tracking.client.set_terminated(parent_run_id, "FINISHED")
+    except Exception as err:
+        if not unreachable(err):
+            raise
+        return False
+    return True
 
 
 def _run_worker(
@@ -176,6 +184,13 @@ def _train(
                     progress.start_task(task)
                 elif event["event"] == "step":
                     progress.update(task, completed=event["step"], loss=f"{event['loss']:.4f}")
+                elif event["event"] == "journal_pending":
+                    progress.console.print(
+                        f"  {trial.label}: the tracking server did not answer; "
+                        f"{event['writes']} MLflow write(s) wait in "
+                        f"{trial.output_dir / JOURNAL_FILE}: `dreamsweep sync` replays them",
+                        markup=False,
+                    )
                 elif event["event"] == "early_stop":
                     progress.update(task, completed=trial.max_steps, loss="stopped early")
                     progress.console.print(
@@ -248,7 +263,10 @@ def run_local(spec: SweepSpec, *, console: Console | None = None) -> SweepOutcom
                 _report(progress.console, outcome)
 
     sweep = SweepOutcome(trials, skipped, outcomes)
-    close_parent_run(tracking, parent_run_id, trials, failed=bool(sweep.failed))
+    if not close_parent_run(tracking, parent_run_id, trials, failed=bool(sweep.failed)):
+        console.print(
+            "The tracking store did not answer: `dreamsweep sync` closes the sweep's run."
+        )
     trained = len(outcomes) - len(sweep.failed) - len(sweep.not_run)
     console.print(
         f"Sweep [bold]{spec.name}[/]: {trained} trained, {len(sweep.failed)} failed, "

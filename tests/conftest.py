@@ -6,10 +6,12 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -74,17 +76,31 @@ def write_spec(tmp_path: Path, spec: dict, name: str = "sweep.yaml") -> Path:
     return path
 
 
-def dreamsweep(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI in a subprocess, as a user would (who has not set OMP_NUM_THREADS)."""
-    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+def dreamsweep(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a subprocess, as a user would (who has not set OMP_NUM_THREADS);
+    `env` adds variables."""
+    inherited = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
     return subprocess.run(
         [sys.executable, "-m", "launch.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
-        env={**env, "COLUMNS": "200", "PYTHONPATH": str(REPO)},
+        env={**inherited, "COLUMNS": "200", "PYTHONPATH": str(REPO), **(env or {})},
         timeout=900,
     )
+
+
+# Credentials users keep in their environment; the quickstart runs with these fake ones set and
+# test_quickstart checks that none of them surfaces in MLflow, the logs or the output folder.
+FAKE_SECRETS = {
+    "HF_TOKEN": "hf_FAKEtoken0123456789abcdef",
+    "HUGGING_FACE_HUB_TOKEN": "hf_FAKEhubtoken9876543210",
+    "MLFLOW_TRACKING_USERNAME": "fake-user-3141",
+    "MLFLOW_TRACKING_PASSWORD": "fake-password-2718",
+    "MLFLOW_TRACKING_TOKEN": "fake-mlflow-token-1618",
+}
 
 
 def kill_when_ready(marker: Path, cmdline_part: str, timeout: float = 600) -> threading.Thread:
@@ -174,9 +190,9 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("quickstart")
     shutil.copytree(REPO / "configs", root / "configs")
     spec = "configs/quickstart.yaml"
-    run = dreamsweep("run", spec, cwd=root)
+    run = dreamsweep("run", spec, cwd=root, env=FAKE_SECRETS)
     assert run.returncode == 0, run.stdout + run.stderr
-    select = dreamsweep("select", spec, cwd=root)
+    select = dreamsweep("select", spec, cwd=root, env=FAKE_SECRETS)
     assert select.returncode == 0, select.stdout + select.stderr
     uri = f"sqlite:///{root / 'runs' / 'quickstart' / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -230,3 +246,61 @@ def assert_same_curves(a: dict, b: dict) -> None:
                     key,
                     step,
                 )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MlflowServer:
+    """The real tracking server (mlflow/server.sh) on 127.0.0.1, which a test can kill and start
+    again on the same port and store; stopped whole (its workers too) on exit."""
+
+    def __init__(self, store: Path, log: Path) -> None:
+        self.store, self.log = store, log
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        with open(self.log, "a") as log:
+            self.process = subprocess.Popen(
+                [str(REPO / "mlflow" / "server.sh"), str(self.store), str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # its own process group: stopped whole
+            )
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            assert self.process.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, "mlflow server did not come up"
+            time.sleep(0.5)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, sig)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> MlflowServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill(signal.SIGTERM)

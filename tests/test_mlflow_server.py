@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, dreamsweep, small_spec, write_spec
+from conftest import MlflowServer, dreamsweep, small_spec, write_spec
 from mlflow.tracking import MlflowClient
 
 from selection.registry import Candidate, download_best, register_best
@@ -21,47 +14,10 @@ from selection.registry import Candidate, download_best, register_best
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    store = tmp_path / "store"
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    process = subprocess.Popen(
-        [str(REPO / "mlflow" / "server.sh"), str(store), str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,  # its own process group: stopped whole, workers included
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert process.poll() is None, (tmp_path / "server.log").read_text()
-            assert time.monotonic() < deadline, "mlflow server did not come up"
-            time.sleep(0.5)
-        yield uri, store
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
+    with MlflowServer(tmp_path / "store", tmp_path / "server.log") as running:
+        yield running.uri, running.store
 
 
 def test_server_binds_loopback_only(server: tuple[str, Path]) -> None:

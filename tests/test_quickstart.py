@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, dreamsweep
+from conftest import FAKE_SECRETS, REPO, dreamsweep
 from diffusers import StableDiffusionPipeline
 from mlflow.tracking import MlflowClient
 
@@ -328,3 +328,24 @@ def test_report_is_self_contained_and_recomputes_best_steps_when_a_slider_moves(
         assert driver.save_screenshot(str(artifacts / "report.png"))
     finally:
         driver.quit()
+
+
+def test_credentials_in_the_environment_surface_nowhere(quickstart: dict) -> None:
+    """The run and select ran with fake hub and MLflow credentials set: none of them is in a
+    param, tag or metric key, in the command output, or in any file the sweep wrote (the
+    SQLite database, artifacts, worker logs, trial.json, checkpoints)."""
+    secrets = [value.encode() for value in FAKE_SECRETS.values()]
+    for run in quickstart["runs"]:
+        fields = json.dumps(
+            [run.data.params, run.data.tags, sorted(run.data.metrics)], ensure_ascii=False
+        ).encode()
+        assert not any(secret in fields for secret in secrets), run.info.run_id
+    for result in (quickstart["run"], quickstart["select"]):
+        printed = (result.stdout + result.stderr).encode()
+        assert not any(secret in printed for secret in secrets)
+    files = [p for p in (quickstart["root"] / "runs").rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in files) and any(p.name == "worker.log" for p in files)
+    assert len(files) > 50
+    for path in files:
+        content = path.read_bytes()
+        assert not any(secret in content for secret in secrets), path
