@@ -80,6 +80,28 @@ def write_checkpoint(root: Path, step: int, write: Callable[[Path], None]) -> Pa
         raise
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota): the message says which step,
+    where, why, and which complete checkpoint a rerun will resume from."""
+
+    def __init__(self, root: Path, step: int, cause: BaseException) -> None:
+        previous = latest_checkpoint(root)
+        try:
+            free = f"{shutil.disk_usage(root).free:,} bytes free there"
+        except OSError:
+            free = "free space unknown"
+        kept = (
+            f"the last complete checkpoint (step {previous[0]}) is intact and a rerun resumes "
+            "from it"
+            if previous
+            else "no earlier checkpoint exists; a rerun starts from step 0"
+        )
+        super().__init__(
+            f"could not write the checkpoint of step {step} in {root} "
+            f"({type(cause).__name__}: {cause}; {free}): {kept}"
+        )
+
+
 def latest_checkpoint(root: Path) -> tuple[int, Path] | None:
     """(step, folder) of the newest COMPLETE checkpoint, or None."""
     found = complete_checkpoints(root)

@@ -12,6 +12,7 @@ the `Accelerator` its caller made (`cluster.accelerator.make_accelerator`).
 from __future__ import annotations
 
 import gc
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,7 @@ from trainers.caching import (
     tokenize,
 )
 from trainers.checkpoint import (
+    CheckpointWriteError,
     begin_checkpoint,
     checkpoints_root,
     clean_leftovers,
@@ -317,17 +319,22 @@ def train_trial(
             torch.save(optimizer.state_dict(), staging / shard)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            method.save_weights(model, staging)
-            state = {
-                "step": step,
-                "trainable": {k: p.detach().cpu().clone() for k, p in named_trainable.items()},
-                "optimizer": None if sharded_optimizer else optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-            }
-            torch.save(state, staging / TRAINER_STATE)
-            reporter.on_checkpoint(step, publish_checkpoint(root, step))
+            try:
+                method.save_weights(model, staging)
+                state = {
+                    "step": step,
+                    "trainable": {k: p.detach().cpu().clone() for k, p in named_trainable.items()},
+                    "optimizer": None if sharded_optimizer else optimizer.state_dict(),
+                    "lr_scheduler": lr_scheduler.state_dict(),
+                    "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                }
+                torch.save(state, staging / TRAINER_STATE)
+                published = publish_checkpoint(root, step)
+            except Exception as err:  # torch and safetensors report a full disk in their own types
+                shutil.rmtree(staging, ignore_errors=True)  # give the space back
+                raise CheckpointWriteError(root, step, err) from err
+            reporter.on_checkpoint(step, published)
             retain(step)
         accelerator.wait_for_everyone()
 
