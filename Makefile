@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # plain `torch` (asked for directly or by another package) pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install install-test browser quickstart test lint clean
+.PHONY: install install-test browser postgresql quickstart test lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,13 +30,19 @@ quickstart: install
 	$(VENV)/bin/dreamsweep select configs/quickstart.yaml
 	$(VENV)/bin/dreamsweep report configs/quickstart.yaml
 
-# The report's browser test drives Debian's Chromium (needs root to install, as CI has).
+# The report's browser test drives Debian's Chromium, and the tracking load test a PostgreSQL
+# server started from Debian's binaries (root installs them, as CI has).
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  apt-get install -y -q chromium chromium-driver || \
 	  (apt-get update -q && apt-get install -y -q chromium chromium-driver)
 
-test: install-test browser
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  apt-get install -y -q postgresql || \
+	  (apt-get update -q && apt-get install -y -q postgresql)
+
+test: install-test browser postgresql
 	$(PY) -m pytest
 
 lint: install-test

@@ -135,6 +135,8 @@ class JournaledWriter:
         self.run_id = run_id
         self.folder = folder
         self.retry_every = retry_every
+        self.journaled = 0
+        """Writes that went to the journal (the store did not take them at first)."""
         self._next_try = 0.0
 
     @property
@@ -211,6 +213,7 @@ class JournaledWriter:
             local = self.folder / JOURNAL_FILES / op["artifact_file"]
             local.parent.mkdir(parents=True, exist_ok=True)
             save(local)
+        self.journaled += 1
         line = json.dumps({"run_id": self.run_id, **op}) + "\n"
         path = journal_path(self.folder)
         with FileLock(str(path) + ".lock"), open(path, "a", encoding="utf-8") as journal:

@@ -3,6 +3,8 @@
 #
 # SQLite backend and artifact store in STORE_DIR (default ./mlflow-store); artifacts are proxied
 # through the server (--serve-artifacts), so trials on other nodes need only the HTTP URI.
+# MLFLOW_BACKEND_STORE_URI picks another backend, e.g. postgresql://user@host:5432/mlflow (needs
+# psycopg2): many concurrent trials are PostgreSQL's strength, not a SQLite file's.
 # Binds 127.0.0.1 unless a HOST is given: pass the login node's address only when compute nodes
 # must reach it, and put authentication in front of it (MLflow credentials come from the
 # clients' environment: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN).
@@ -17,8 +19,9 @@ fi
 # not use it, and it would take the CPU from training on a small login node.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 mkdir -p "$store/artifacts"
+backend=${MLFLOW_BACKEND_STORE_URI:-sqlite:///$store/mlflow.db}
 exec mlflow server \
-  --backend-store-uri "sqlite:///$store/mlflow.db" \
+  --backend-store-uri "$backend" \
   --artifacts-destination "$store/artifacts" \
   --serve-artifacts \
   --host "$host" \

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -235,7 +236,20 @@ def trial_histories(
     return out
 
 
-def assert_same_curves(a: dict, b: dict) -> None:
+def quickstart_slice(spec: dict) -> dict:
+    """configs/quickstart.yaml cut to one subject and its smaller image count: 3 trials, one per
+    method, the same trials (ids and labels follow content) as in the full quickstart. The
+    launcher tests run this slice, at a quarter of the full quickstart's time."""
+    spec["subjects"] = [s for s in spec["subjects"] if s["name"] == "robot"]
+    spec["grid"]["num_images"] = [2]
+    return spec
+
+
+def assert_same_curves(a: dict, b: dict, *, slice_of_b: bool = False) -> None:
+    """Same trials, same curves; with `slice_of_b`, `a`'s trials are some of `b`'s."""
+    if slice_of_b:
+        assert a.keys() <= b.keys(), sorted(a.keys() - b.keys())
+        b = {label: b[label] for label in a}
     assert a.keys() == b.keys()
     for label in a:
         for key in a[label]:
@@ -258,14 +272,15 @@ class MlflowServer:
     """The real tracking server (mlflow/server.sh) on 127.0.0.1, which a test can kill and start
     again on the same port and store; stopped whole (its workers too) on exit."""
 
-    def __init__(self, store: Path, log: Path) -> None:
-        self.store, self.log = store, log
+    def __init__(self, store: Path, log: Path, *, env: dict[str, str] | None = None) -> None:
+        self.store, self.log, self.env = store, log, env or {}
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        env |= self.env
         with open(self.log, "a") as log:
             self.process = subprocess.Popen(
                 [str(REPO / "mlflow" / "server.sh"), str(self.store), str(self.port)],
@@ -304,3 +319,40 @@ class MlflowServer:
 
     def __exit__(self, *exc: object) -> None:
         self.kill(signal.SIGTERM)
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster from Debian's binaries, on 127.0.0.1 only, run as the
+    `postgres` user (PostgreSQL refuses root); `uri` names its `mlflow` database."""
+
+    def __init__(self) -> None:
+        versions = sorted(Path("/usr/lib/postgresql").iterdir(), key=lambda p: int(p.name))
+        self.bin = versions[-1] / "bin"
+        self.port = free_port()
+        self.uri = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/mlflow"
+        self.folder: Path | None = None
+
+    def _as_postgres(self, *command: str | Path) -> None:
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", *map(str, command)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    def __enter__(self) -> PostgresServer:
+        # Not under pytest's tmp folder: its parents are closed to other users.
+        self.folder = Path(tempfile.mkdtemp(prefix="dreamsweep-pg-"))
+        shutil.chown(self.folder, "postgres", "postgres")
+        data = self.folder / "data"
+        self._as_postgres(self.bin / "initdb", "-D", data, "--auth=trust", "-U", "postgres")
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder}"
+        log = self.folder / "server.log"
+        self._as_postgres(self.bin / "pg_ctl", "-D", data, "-l", log, "-w", "-o", options, "start")
+        self._as_postgres(self.bin / "createdb", "-h", "127.0.0.1", "-p", self.port, "mlflow")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.folder is not None
+        self._as_postgres(self.bin / "pg_ctl", "-D", self.folder / "data", "-m", "fast", "stop")
+        shutil.rmtree(self.folder, ignore_errors=True)
