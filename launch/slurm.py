@@ -140,6 +140,9 @@ def submit_slurm(spec: SweepSpec, *, console: Console | None = None) -> Submissi
     submitted: dict[str, str] = {}
     if to_submit:
         folder = spec.resolved_output_dir / "slurm"
+        # submitit's pickles (the jobs the nodes unpickle and run) live here: this user's only.
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o700)
         executor = submitit.AutoExecutor(
             folder=folder / "%j", cluster="slurm", slurm_max_num_timeout=launcher.max_requeues
         )

@@ -157,6 +157,8 @@ def test_the_quickstart_runs_as_a_job_array_and_equals_the_local_launcher(
     )
     again = dreamsweep("run", "configs/quickstart.yaml", cwd=tmp_path)
     assert "3 already done, 0 still in SLURM, 0 to submit" in again.stdout
+    # the pickles the nodes run are writable by no other user
+    assert (spec.resolved_output_dir / "slurm").stat().st_mode & 0o077 == 0
     # Each task's worker sized its threads to the CPUs SLURM gave it (cpus_per_task: 1), not
     # to the node, which the dev cluster does not bind tasks to.
     client = MlflowClient(tracking_uri=spec.tracking_uri)

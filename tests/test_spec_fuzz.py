@@ -1,9 +1,10 @@
 """Generated sweep specs: each one is valid, or refused with a clear message, never a traceback.
 
 Hypothesis mutates a valid spec (drops keys, swaps values for other types, plausible
-alternatives and hostile strings, adds unknown keys) and also feeds raw text and bytes. Every
-case goes through the real entry point, `dreamsweep validate` (in-process), whose exit status
-must be 0 (valid) or 2 (refused, with every problem naming its field). The draws are derandomised
+alternatives and hostile strings such as `../../etc`, adds unknown keys) and also feeds raw text
+and bytes. Every case goes through the real entry point, `dreamsweep validate` (in-process), whose
+exit status must be 0 (valid, and then every trial folder lies inside the output folder) or 2
+(refused, with every problem naming its field). The draws are derandomised
 so CI sees the same 1,000 specs on every run; a failure prints the spec that caused it.
 """
 
@@ -20,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from launch import cli
+from launch.grid import expand_grid
 from launch.spec import SpecError, load_spec
 
 # What a refusal looks like: "<file>: N problem(s) in the sweep spec:" then "  - field: why".
@@ -220,6 +222,11 @@ def test_mutated_specs_are_valid_or_clearly_refused(
     path.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), encoding="utf-8")
     status, _ = check_validate(path, capsys)
     outcomes["valid" if status == 0 else "refused"] += 1
+    if status == 0:  # every folder a valid spec builds stays inside its output folder
+        valid = load_spec(path)
+        root = valid.resolved_output_dir.resolve()
+        for trial in expand_grid(valid):
+            assert trial.output_dir.resolve().is_relative_to(root), trial.output_dir
 
 
 @settings(SETTINGS, max_examples=200)
