@@ -1,25 +1,18 @@
-"""The tracking server dies mid-trial: writes go to the trial's journal, and are replayed exactly
-once when it answers again (at the next write, at the trial's end, or with `dreamsweep sync`)."""
+"""The tracking server dies: a trial's writes go to its journal and are replayed exactly once
+when it answers again (the whole sweep through an outage: test_mlflow_server.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, MlflowServer, dreamsweep, small_spec, write_spec
+from conftest import MlflowServer
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from cluster.cpu_threads import THREAD_VARIABLES
 from cluster.journal import JOURNAL_FILE, JournaledWriter, pending_writes
-from launch.grid import expand_grid
-from launch.spec import load_spec
 
 pytestmark = pytest.mark.slow
 
@@ -67,60 +60,3 @@ def test_writes_while_the_server_is_down_are_journaled_and_replayed_once(
             a.path for d in ("samples", "records") for a in client.list_artifacts(run_id, d)
         }
         assert artifacts == {"samples/step_000004.png", "records/step_000004.json"}
-
-
-def test_a_trial_outlives_a_dead_server_and_sync_completes_its_run(tmp_path: Path) -> None:
-    """The server is killed after the trial's first checkpoint and stays down to the trial's
-    end: the trial trains to its last step, its writes wait in its journal, and `dreamsweep
-    sync` replays them once the server is back: every curve whole, each point once."""
-    with MlflowServer(tmp_path / "store", tmp_path / "server.log") as server:
-        spec = small_spec(
-            tmp_path,
-            grid={"max_steps": 6, "eval_every": 2},
-            tracking={"uri": server.uri, "experiment": "outage"},
-        )
-        path = write_spec(tmp_path, spec)
-        [trial] = expand_grid(load_spec(path))
-        env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
-        env |= {"COLUMNS": "200", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        run = subprocess.Popen(
-            [sys.executable, "-m", "launch.cli", "run", str(path)],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        first_checkpoint = trial.output_dir / "checkpoints" / "step_000002" / "COMPLETE"
-        deadline = time.monotonic() + 300
-        while not first_checkpoint.exists():
-            assert run.poll() is None and time.monotonic() < deadline, run.communicate()[0]
-            time.sleep(0.05)
-        server.kill()
-        output = run.communicate(timeout=600)[0]
-        assert run.returncode == 0, output
-        assert "MLflow write(s) wait in" in output and "dreamsweep sync" in output, output
-        assert pending_writes(trial.output_dir) > 0
-        # training went on without the server, to the last step
-        assert (trial.output_dir / "checkpoints" / "step_000006" / "COMPLETE").is_file()
-
-        server.start()
-        synced = dreamsweep("sync", str(path), cwd=tmp_path)
-        assert synced.returncode == 0, synced.stdout + synced.stderr
-        assert "1 journal(s) replayed, 0 left" in synced.stdout
-        assert not (trial.output_dir / JOURNAL_FILE).exists()
-
-        client = MlflowClient(tracking_uri=server.uri)
-        experiment = client.get_experiment_by_name("outage")
-        runs = client.search_runs([experiment.experiment_id])
-        [child] = [r for r in runs if r.data.tags.get("dreamsweep.role") == "trial"]
-        [parent] = [r for r in runs if r.data.tags.get("dreamsweep.role") == "sweep"]
-        assert child.info.status == "FINISHED" and parent.info.status == "FINISHED"
-        run_id = child.info.run_id
-        loss = client.get_metric_history(run_id, "loss")
-        assert sorted(m.step for m in loss) == [1, 2, 3, 4, 5, 6]  # none lost, none twice
-        for metric in ("similarity", "aesthetics", "diversity"):
-            assert metric_steps(client, run_id, metric) == [0, 2, 4, 6]
-        samples = sorted(a.path for a in client.list_artifacts(run_id, "samples"))
-        assert samples == [f"samples/step_{s:06d}.png" for s in (0, 2, 4, 6)]
-        assert "dreamsweep.checkpoint.step_000006" in child.data.tags

@@ -12,13 +12,16 @@ runs to the end.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import queue
 import random
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,29 +62,90 @@ class Attempt:
     log: list[str] = field(default_factory=list)
 
 
-def run_worker(trial_json: Path, parent_run_id: str, case: Case | None = None) -> Attempt:
-    """The trial's real worker process; with a case, SIGKILLed `delay` s after its event."""
-    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
-    env |= {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "cluster.trial", str(trial_json), "--parent-run-id"]
-    worker = subprocess.Popen(
-        [*command, parent_run_id],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
+class Zygote:
+    """tests/worker_zygote.py: forks trial workers that share its imports (seconds, not 8 s of
+    CPU each); every worker is still its own process, started fresh and killed for real."""
+
+    def __init__(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+        env |= {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "worker_zygote.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.exits: dict[int, int] = {}
+        self.ended = threading.Condition()
+        self.pids: queue.Queue[int] = queue.Queue()
+        self.starting = threading.Lock()
+        threading.Thread(target=self._listen, daemon=True).start()
+
+    def _listen(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            message = json.loads(line)
+            if "pid" in message:
+                self.pids.put(message["pid"])
+            else:
+                with self.ended:
+                    self.exits[message["exit"]] = message["status"]
+                    self.ended.notify_all()
+
+    def start(self, argv: list[str], log: Path) -> int:
+        assert self.process.stdin is not None
+        with self.starting:
+            self.process.stdin.write(json.dumps({"argv": argv, "log": str(log)}) + "\n")
+            self.process.stdin.flush()
+            return self.pids.get(timeout=300)
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+def run_worker(
+    zygote: Zygote, trial_json: Path, parent_run_id: str, case: Case | None = None
+) -> Attempt:
+    """One worker of the trial; with a case, SIGKILLed `delay` s after the case's event."""
+    log = trial_json.parent / f"attempt-{time.monotonic_ns()}.log"
+    log.touch()
+    pid = zygote.start([str(trial_json), "--parent-run-id", parent_run_id], log)
     attempt = Attempt(returncode=0)
-    assert worker.stdout is not None
-    for line in worker.stdout:
+
+    def kill() -> None:
+        with zygote.ended:
+            if pid not in zygote.exits:
+                os.kill(pid, signal.SIGKILL)
+
+    def take(line: str) -> None:
         event = events.parse(line)
         if event is None:
             attempt.log.append(line)
-            continue
+            return
         attempt.seen.append((time.monotonic(), event))
         if case is not None and (event["event"], event.get("step")) == case.after:
-            threading.Timer(case.delay, worker.send_signal, (signal.SIGKILL,)).start()
-    attempt.returncode = worker.wait()
+            threading.Timer(case.delay, kill).start()
+
+    deadline = time.monotonic() + 600
+    partial = ""
+    with open(log, encoding="utf-8") as output:
+        while True:
+            partial += output.readline()
+            if partial.endswith("\n"):
+                take(partial)
+                partial = ""
+                continue
+            with zygote.ended:
+                done = pid in zygote.exits
+            if done:  # all it wrote is in the file now
+                for line in (partial + output.read()).splitlines(keepends=True):
+                    take(line)
+                break
+            assert time.monotonic() < deadline, "".join(attempt.log[-20:])
+            time.sleep(0.005)
+    attempt.returncode = zygote.exits[pid]
     return attempt
 
 
@@ -148,7 +212,9 @@ def histories(trial: TrialConfig) -> dict[str, dict[int, float]]:
     return out
 
 
-def disturbed(folder: Path, cases_seed: int, took: dict[str, float]) -> tuple[TrialConfig, list]:
+def disturbed(
+    zygote: Zygote, folder: Path, cases_seed: int, took: dict[str, float]
+) -> tuple[TrialConfig, list]:
     """One trajectory: killed at KILLS_PER_TRAJECTORY drawn moments, then run to the end."""
     trial, trial_json, parent = prepared(folder)
     rng = random.Random(cases_seed)
@@ -157,30 +223,42 @@ def disturbed(folder: Path, cases_seed: int, took: dict[str, float]) -> tuple[Tr
         found = latest_checkpoint(checkpoints_root(trial))
         start = found[0] if found else 0
         case = draw_case(rng, start, took)
-        attempt = run_worker(trial_json, parent, case)
+        attempt = run_worker(zygote, trial_json, parent, case)
         staged = any(p.name.startswith(".tmp-") for p in checkpoints_root(trial).glob(".*"))
         last = attempt.seen[-1][1] if attempt.seen else {}
         record.append((case, attempt.returncode, last.get("event"), last.get("step"), staged))
-    final = run_worker(trial_json, parent)
+    final = run_worker(zygote, trial_json, parent)
     assert final.returncode == 0, "".join(final.log[-20:])
     return trial, record
 
 
-def test_kill_9_at_random_moments_changes_no_weight_and_no_curve(tmp_path: Path) -> None:
+@pytest.fixture
+def zygote() -> Iterator[Zygote]:
+    started = Zygote()
+    yield started
+    started.close()
+
+
+def test_kill_9_at_random_moments_changes_no_weight_and_no_curve(
+    zygote: Zygote, tmp_path: Path
+) -> None:
     reference_trial, reference_json, reference_parent = prepared(tmp_path / "undisturbed")
-    reference = run_worker(reference_json, reference_parent)
+    reference = run_worker(zygote, reference_json, reference_parent)
     assert reference.returncode == 0, "".join(reference.log[-20:])
     took = durations(reference)
 
     seeds = [SEED + index for index in range(2)]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda s: disturbed(tmp_path / f"killed-{s}", s, took), seeds))
+        results = list(
+            pool.map(lambda s: disturbed(zygote, tmp_path / f"killed-{s}", s, took), seeds)
+        )
     cases = [row for _, record in results for row in record]
     report = "\n".join(
         f"{c.phase:5} after {c.after} +{c.delay:.3f}s → status {rc}, last event {ev} {st}, "
         f"staging left: {staged}"
         for c, rc, ev, st, staged in cases
     )
+    print(report)  # shown with -s, and on a failure
     assert len(cases) == 20
     assert all(rc == -signal.SIGKILL for _, rc, *_ in cases), report  # each case was a real kill
 

@@ -79,7 +79,7 @@ def test_killed_worker_is_reported_and_the_rerun_resumes_into_the_same_run(
     tmp_path: Path,
 ) -> None:
     copy_subject("mug", tmp_path / "subjects" / "mug")
-    spec_dict = small_spec(tmp_path, grid={"max_steps": 40, "eval_every": 2})
+    spec_dict = small_spec(tmp_path, grid={"max_steps": 12, "eval_every": 2})
     spec_dict["subjects"].append({"name": "mug", "images": "subjects/mug", "class_token": "cup"})
     spec = load_spec(write_spec(tmp_path, spec_dict))
     robot, mug = expand_grid(spec)
@@ -120,6 +120,6 @@ def test_killed_worker_is_reported_and_the_rerun_resumes_into_the_same_run(
     assert resumed.info.status == "FINISHED"
     assert int(resumed.data.tags["dreamsweep.resumed_from_step"]) >= 4
     run_id = resumed.info.run_id
-    for metric, steps in (("similarity", range(0, 41, 2)), ("loss", range(1, 41))):
+    for metric, steps in (("similarity", range(0, 13, 2)), ("loss", range(1, 13))):
         history = [m.step for m in client.get_metric_history(run_id, metric)]
         assert sorted(history) == list(steps)  # no gap, no duplicate
