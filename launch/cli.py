@@ -11,7 +11,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from launch.preflight import missing_packages, tracking_warnings
+from launch.preflight import missing_packages, network_warnings, tracking_warnings
 from launch.slurm import SlurmError
 from launch.spec import SELECTABLE_METRICS, SpecError, SweepSpec, load_spec
 
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             raise SpecError(str(args.spec), problems)
         if args.command in ("validate", "run"):
-            for warning in tracking_warnings(spec):
+            for warning in tracking_warnings(spec) + network_warnings(spec):
                 Console(stderr=True, soft_wrap=True).print(f"warning: {warning}", markup=False)
         handler, _ = COMMANDS[args.command]
         return handler(spec, console, args)

@@ -49,3 +49,15 @@ def tracking_warnings(spec: SweepSpec) -> list[str]:
             "tracking.uri to it."
         ]
     return []
+
+
+def network_warnings(spec: SweepSpec) -> list[str]:
+    """Servers a run would start that listen beyond this machine."""
+    if spec.launcher.kind == "ray" and spec.launcher.address is None:
+        return [
+            "launcher: the Ray launcher without launcher.address starts Ray on this machine; "
+            "Ray's GCS and raylets listen on every network interface (Ray has no loopback-only "
+            "mode; dreamsweep starts no Ray dashboard). Run it on a trusted network or behind "
+            "a firewall, or set launcher.address to a cluster you run."
+        ]
+    return []

@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO, dreamsweep, small_spec, write_spec
 from PIL import Image
 
-from launch.preflight import tracking_warnings
+from launch.preflight import network_warnings, tracking_warnings
 from launch.spec import SpecError, load_spec
 
 
@@ -284,6 +284,10 @@ def test_validate_warns_when_a_cluster_launcher_writes_to_a_sqlite_file(tmp_path
     assert checked.returncode == 0, checked.stderr
     assert "is a SQLite file, and launcher.kind is 'ray'" in checked.stderr
     assert "network filesystems do not honour SQLite's locks" in checked.stderr
+    # this spec starts Ray here, whose services listen beyond loopback: said, not hidden
+    assert "Ray's GCS and raylets listen on every network interface" in checked.stderr
+    on_a_cluster = small_spec(tmp_path, launcher={"kind": "ray", "address": "10.0.0.1:6379"})
+    assert network_warnings(load_spec(write_spec(tmp_path, on_a_cluster))) == []
     for launcher in ({"kind": "slurm"}, {"kind": "ray"}, {"kind": "local"}):
         on_sqlite = load_spec(write_spec(tmp_path, small_spec(tmp_path, launcher=launcher)))
         assert bool(tracking_warnings(on_sqlite)) == (launcher["kind"] != "local")
