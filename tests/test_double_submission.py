@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, small_spec, write_spec
+from conftest import small_spec, start_dreamsweep, write_spec
 from mlflow.tracking import MlflowClient
 
 from cluster.claims import TrialClaimed, claim_trial
-from cluster.cpu_threads import THREAD_VARIABLES
 from launch.grid import expand_grid
 from launch.spec import load_spec
 
@@ -45,19 +44,7 @@ def test_the_same_sweep_submitted_twice_at_once_trains_each_trial_once(tmp_path:
     spec = small_spec(tmp_path, grid={"seed": [0, 1], "max_steps": 4, "eval_every": 2})
     path = write_spec(tmp_path, spec)
     trials = expand_grid(load_spec(path))
-    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
-    env |= {"COLUMNS": "200", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    submissions = [
-        subprocess.Popen(
-            [sys.executable, "-m", "launch.cli", "run", str(path)],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        for _ in range(2)
-    ]
+    submissions = [start_dreamsweep("run", str(path), cwd=tmp_path) for _ in range(2)]
     outputs = [s.communicate(timeout=600)[0] for s in submissions]
     assert [s.returncode for s in submissions] == [0, 0], outputs
     combined = "\n".join(outputs)

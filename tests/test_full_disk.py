@@ -7,17 +7,15 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, small_spec, write_spec
+from conftest import small_spec, start_dreamsweep, write_spec
 from mlflow.tracking import MlflowClient
 
-from cluster.cpu_threads import THREAD_VARIABLES
 from launch.grid import expand_grid
 from launch.spec import load_spec
 from trainers.checkpoint import checkpoints_root, complete_checkpoints
@@ -47,19 +45,6 @@ def fill(disk: Path, leave: int) -> Path:
     return filler
 
 
-def cli(path: Path, cwd: Path) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
-    env |= {"COLUMNS": "200", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", "run", str(path)],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-
-
 def test_a_full_disk_during_a_save_keeps_the_last_checkpoint_and_the_rerun_resumes(
     tmp_path: Path, small_disk: Path
 ) -> None:
@@ -77,7 +62,7 @@ def test_a_full_disk_during_a_save_keeps_the_last_checkpoint_and_the_rerun_resum
     [trial] = expand_grid(load_spec(path))
     root = checkpoints_root(trial)
 
-    run = cli(path, tmp_path)
+    run = start_dreamsweep("run", str(path), cwd=tmp_path)
     deadline = time.monotonic() + 300
     while not (root / "step_000002" / "COMPLETE").exists():
         assert run.poll() is None and time.monotonic() < deadline, run.communicate()[0]
@@ -101,7 +86,7 @@ def test_a_full_disk_during_a_save_keeps_the_last_checkpoint_and_the_rerun_resum
     assert "could not write the checkpoint of step 4" in failed.data.tags["dreamsweep.error"]
 
     filler.unlink()
-    rerun = cli(path, tmp_path)
+    rerun = start_dreamsweep("run", str(path), cwd=tmp_path)
     output = rerun.communicate(timeout=600)[0]
     assert rerun.returncode == 0, output
     resumed = client.get_run(failed.info.run_id)

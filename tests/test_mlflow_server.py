@@ -3,17 +3,13 @@ outage: the server bound to 127.0.0.1, killed mid-trial and started again later.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, MlflowServer, dreamsweep, small_spec, write_spec
+from conftest import MlflowServer, dreamsweep, small_spec, start_dreamsweep, write_spec
 from mlflow.tracking import MlflowClient
 
-from cluster.cpu_threads import THREAD_VARIABLES
 from cluster.journal import JOURNAL_FILE, pending_writes
 from launch.grid import expand_grid
 from launch.spec import load_spec
@@ -48,16 +44,7 @@ def test_a_sweep_logs_over_http_outlives_a_dead_server_and_sync_completes_it(
         )
         path = write_spec(tmp_path, spec)
         [trial] = expand_grid(load_spec(path))
-        env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
-        env |= {"COLUMNS": "200", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        run = subprocess.Popen(
-            [sys.executable, "-m", "launch.cli", "run", str(path)],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
+        run = start_dreamsweep("run", str(path), cwd=tmp_path)
         first_checkpoint = trial.output_dir / "checkpoints" / "step_000002" / "COMPLETE"
         deadline = time.monotonic() + 300
         while not first_checkpoint.exists():

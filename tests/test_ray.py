@@ -156,29 +156,6 @@ def test_asha_stops_the_trials_that_score_below_the_best_and_runs_it_to_max_t(
     assert "2 already done, 0 to run" in again.stdout, again.stdout
 
 
-def test_a_killed_trial_resumes_from_its_checkpoint_into_the_same_run(
-    ray_address: str, tmp_path: Path
-) -> None:
-    """SIGKILL to the trial's Ray actor (its worker dies with it) once step 4 is checkpointed:
-    Tune retries the trial, which resumes from that checkpoint into the same MLflow run."""
-    spec = small_spec(
-        tmp_path,
-        grid={"num_images": [2], "max_steps": 12, "eval_every": 4},
-        launcher={"kind": "ray", "address": ray_address, "max_failures": 1},
-    )
-    path = write_spec(tmp_path, spec)
-    trials = load_spec(path).resolved_output_dir / "trials"
-    killer = kill_when_ready_glob(trials, "checkpoints/step_000004", "ray::ImplicitFunc")
-    run = dreamsweep("run", str(path), cwd=tmp_path)
-    killer.join()
-    assert run.returncode == 0, run.stdout + run.stderr
-    [trial] = trial_runs(path).values()
-    assert trial.info.status == "FINISHED"
-    assert int(trial.data.tags["dreamsweep.resumed_from_step"]) >= 4
-    assert steps_of(path, trial) == list(range(1, 13))  # no gap, no duplicate
-    assert steps_of(path, trial, "similarity") == [0, 4, 8, 12]
-
-
 def kill_when_ready_glob(root: Path, pattern: str, cmdline_part: str) -> threading.Thread:
     """kill_when_ready on the first folder matching `root/*/pattern`."""
 
@@ -196,16 +173,29 @@ def kill_when_ready_glob(root: Path, pattern: str, cmdline_part: str) -> threadi
     return thread
 
 
-def test_a_killed_driver_is_restored_and_finishes_only_what_was_unfinished(
+def test_a_killed_trial_resumes_and_a_killed_driver_is_restored(
     ray_address: str, tmp_path: Path
 ) -> None:
+    """Two trials, one at a time. SIGKILL to the first trial's Ray actor (its worker dies with
+    it) once its step 4 is checkpointed: Tune retries it, and it resumes from that checkpoint
+    into the same MLflow run. Then SIGKILL to the driver once the first trial finished and the
+    second checkpointed step 4: a rerun restores the Tune experiment and finishes only the
+    second, resumed from its checkpoint."""
     spec = small_spec(
         tmp_path,
         grid={"num_images": [2, 4], "max_steps": 12, "eval_every": 4},
-        launcher={"kind": "ray", "address": ray_address, "max_concurrent_trials": 1},
+        launcher={
+            "kind": "ray",
+            "address": ray_address,
+            "max_concurrent_trials": 1,
+            "max_failures": 1,
+        },
     )
     path = write_spec(tmp_path, spec)
     output = load_spec(path).resolved_output_dir
+    actor_killer = kill_when_ready_glob(
+        output / "trials", "checkpoints/step_000004", "ray::ImplicitFunc"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
     driver = subprocess.Popen(
         [sys.executable, "-m", "launch.cli", "run", str(path)],
@@ -232,14 +222,24 @@ def test_a_killed_driver_is_restored_and_finishes_only_what_was_unfinished(
     finally:
         driver.kill()
         driver.wait()
+    actor_killer.join()
     [first] = done
+    # the first trial was killed once and resumed by Tune's retry
+    assert int(first.data.tags["dreamsweep.resumed_from_step"]) >= 4
+    assert steps_of(path, first, "similarity") == [0, 4, 8, 12]
     rerun = dreamsweep("run", str(path), cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "2 trials, 1 already done, 1 to run" in rerun.stdout
     assert "Restoring the interrupted Ray Tune experiment" in rerun.stdout
     runs = trial_runs(path)
     assert all(r.info.status == "FINISHED" for r in runs.values())
-    assert "dreamsweep.resumed_from_step" not in runs[first.info.run_name].data.tags
+    # the rerun left the first trial alone
+    unchanged = runs[first.info.run_name]
+    assert unchanged.info.run_id == first.info.run_id
+    assert (
+        unchanged.data.tags["dreamsweep.resumed_from_step"]
+        == (first.data.tags["dreamsweep.resumed_from_step"])
+    )
     [second] = [r for name, r in runs.items() if name != first.info.run_name]
     assert int(second.data.tags["dreamsweep.resumed_from_step"]) >= 4
     for run in runs.values():

@@ -35,7 +35,7 @@ def test_sixteen_concurrent_trials_lose_and_double_nothing(
     with PostgresServer() if backend == "postgresql" else nullcontext() as postgres:
         env = {"MLFLOW_BACKEND_STORE_URI": postgres.uri} if postgres else {}
         with MlflowServer(tmp_path / "store", tmp_path / "server.log", env=env) as server:
-            result = run_load(server.uri, sixteen_trials, tmp_path, steps=30)
+            result = run_load(server.uri, sixteen_trials, tmp_path, steps=20)
     assert result.writers == WRITERS
     assert result.problems == []  # 16 child runs, each FINISHED, each (key, step) once
     print(f"{backend}: {WRITERS} writers in {result.seconds:.1f} s, {result.journaled} journaled")
