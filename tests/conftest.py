@@ -93,6 +93,21 @@ def dreamsweep(
     )
 
 
+def start_dreamsweep(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    """Start the real CLI in the background (stdout and stderr as one text stream), on one
+    thread per worker so its curves compare with other one-thread runs."""
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+    env |= {"COLUMNS": "200", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+
+
 # Credentials users keep in their environment; the quickstart runs with these fake ones set and
 # test_quickstart checks that none of them surfaces in MLflow, the logs or the output folder.
 FAKE_SECRETS = {
