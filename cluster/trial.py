@@ -8,6 +8,7 @@ is marked FAILED with the error if training raises, and the exit status is non-z
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -87,11 +88,14 @@ def main(argv: list[str] | None = None) -> int:
         return REQUEUE_EXIT
     except BaseException as err:
         if tracking is not None and run_id is not None:
-            mlflow_reporter.flush()
-            error = f"{type(err).__name__}: {err}"[:4000]
-            mlflow_reporter.writer.set_tags({TAG_ERROR: error})
-            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-            mlflow_reporter.writer.set_terminated(status)
+            # Recorded when the store takes it; a store that refuses it too must not hide `err`
+            # (the launcher marks the run FAILED from the exit status all the same).
+            with contextlib.suppress(Exception):
+                mlflow_reporter.flush()
+                error = f"{type(err).__name__}: {err}"[:4000]
+                mlflow_reporter.writer.set_tags({TAG_ERROR: error})
+                status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+                mlflow_reporter.writer.set_terminated(status)
         raise
     if not state.is_main_process:
         # Other ranks log nothing and hold nothing to flush. In a 2-node SLURM test a non-main
