@@ -16,6 +16,8 @@ from launch.tracking import (
     TAG_CHECKPOINT,
     TAG_EARLY_STOP_REASON,
     TAG_EARLY_STOP_STEP,
+    TAG_ERROR,
+    TAG_RESUMED_AFTER_ERROR,
     TAG_SETUP_PREFIX,
     records_file,
 )
@@ -40,7 +42,9 @@ class MlflowReporter:
         self.writer.sync()  # a journal an earlier attempt left, before anything new
         self.pending: list[Metric] = []
         self.logged: set[tuple[str, int]] = set()
-        for key in client.get_run(run_id).data.metrics:
+        run = client.get_run(run_id)
+        self.earlier_error = run.data.tags.get(TAG_ERROR)
+        for key in run.data.metrics:
             self.logged |= {(key, m.step) for m in client.get_metric_history(run_id, key)}
 
     def _add(self, key: str, value: float, step: int) -> None:
@@ -57,7 +61,13 @@ class MlflowReporter:
         tags = {f"{TAG_SETUP_PREFIX}{key}": value for key, value in setup.items()}
         if start_step:
             tags["dreamsweep.resumed_from_step"] = str(start_step)
+        if self.earlier_error is not None:
+            # An attempt that failed, resumed here: its error says why the run was interrupted,
+            # and is no longer the run's error.
+            tags[TAG_RESUMED_AFTER_ERROR] = self.earlier_error
         self.writer.set_tags(tags)
+        if self.earlier_error is not None:
+            self.writer.delete_tag(TAG_ERROR)
 
     def on_train_step(self, step: int, *, loss: float, lr: float) -> None:
         self._add("loss", loss, step)

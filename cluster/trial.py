@@ -1,6 +1,7 @@
 """A trial worker: `python -m cluster.trial TRIAL_JSON --parent-run-id ID`.
 
-Every launcher ends here (directly, or under `accelerate launch` for several processes). The main
+Every launcher ends here (directly, under torchrun for several processes, or forked by the local
+launcher from a server that imported the worker's code once: cluster/forked_worker.py). The main
 process opens (or reopens, on a retry) the trial's MLflow child run and trains into it; the run
 is marked FAILED with the error if training raises, and the exit status is non-zero.
 """
@@ -13,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 import torch
@@ -29,6 +31,29 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+def describe_error(err: BaseException, *, distributed: bool) -> str:
+    """The error as the trial's run records it. A collective that fails in a multi-process trial
+    names the likely cause, which gloo's and NCCL's own messages (a socket error) do not."""
+    described = f"{type(err).__name__}: {err}"
+    if distributed and _raised_by_a_collective(err):
+        described = (
+            "another process of this trial stopped answering (a lost node, or a killed or failed "
+            "process: see the worker log of every node); run the sweep again to resume from the "
+            f"last checkpoint. {described}"
+        )
+    return described
+
+
+def _raised_by_a_collective(err: BaseException) -> bool:
+    """Raised by torch.distributed or DDP, or by a backend's transport (which may surface in
+    autograd's backward, where DDP's hooks reduce gradients)."""
+    places = (f"torch{os.sep}distributed{os.sep}", f"torch{os.sep}nn{os.sep}parallel{os.sep}")
+    frames = traceback.extract_tb(err.__traceback__)
+    if any(place in frame.filename for frame in frames for place in places):
+        return True
+    return "gloo" in str(err) or "NCCL" in str(err)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             # (the launcher marks the run FAILED from the exit status all the same).
             with contextlib.suppress(Exception):
                 mlflow_reporter.flush()
-                error = f"{type(err).__name__}: {err}"[:4000]
+                error = describe_error(err, distributed=distributed)[:4000]
                 mlflow_reporter.writer.set_tags({TAG_ERROR: error})
                 status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
                 mlflow_reporter.writer.set_terminated(status)

@@ -1,20 +1,28 @@
 """The local launcher: each trial in its own worker process on this machine.
 
-A worker is `python -m cluster.trial` (or `accelerate launch -m cluster.trial` with several
-processes per trial, so multi-GPU runs the same way). A crashing trial is reported with the end
-of its log and the sweep goes on; finished trials found in MLflow are skipped, and so are trials
-another submission of the same sweep is training (their claim, `cluster.claims`, is held).
+A worker is `python -m cluster.trial`, forked from a server that imported the worker's code once
+(importing torch, diffusers and MLflow costs each fresh process about 6 s of CPU), or torchrun
+with several processes per trial, so multi-GPU runs the same way. A crashing trial is reported
+with the end of its log and the sweep goes on; finished trials found in MLflow are skipped, and
+so are trials another submission of the same sweep is training (their claim, `cluster.claims`,
+is held).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing.reduction import DupFd
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 from rich.console import Console
@@ -30,6 +38,7 @@ from rich.progress import (
 
 from cluster.claims import TrialClaimed, claim_trial
 from cluster.cpu_threads import thread_environment
+from cluster.forked_worker import PRELOAD, run_forked
 from cluster.journal import JOURNAL_FILE, unreachable
 from launch import events
 from launch.grid import TrialConfig, expand_grid
@@ -164,17 +173,10 @@ def _train(
     tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
     env = {**os.environ, **threads, "PYTHONUNBUFFERED": "1"}
     command = worker_command(trial_json, parent_run_id, processes)
+    start = _started_process if processes > 1 else _forked_worker
     with open(log_path, "a", encoding="utf-8") as log:
-        with subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            pass_fds=(claim,),  # the worker holds the claim too: it lasts while either lives
-        ) as worker:
-            assert worker.stdout is not None
-            for line in worker.stdout:
+        with start(command, env, claim) as (output, wait):
+            for line in output:
                 event = events.parse(line)
                 if event is None:
                     log.write(line)
@@ -198,8 +200,78 @@ def _train(
                         f"{event['reason']}",
                         markup=False,
                     )
-            returncode = worker.wait()
+            returncode = wait()
     return TrialOutcome(trial, returncode, log_path, list(tail))
+
+
+@contextmanager
+def _started_process(
+    command: list[str], env: dict[str, str], claim: int
+) -> Iterator[tuple[Iterator[str], Callable[[], int]]]:
+    """A worker as a process of its own (torchrun and its ranks): its output, and its wait."""
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        pass_fds=(claim,),  # the worker holds the claim too: it lasts while either lives
+    ) as worker:
+        assert worker.stdout is not None
+        yield worker.stdout, worker.wait
+
+
+_FORK_SERVER = multiprocessing.get_context("forkserver")
+_FORK_SERVER.set_forkserver_preload([PRELOAD])
+_STARTING = threading.Lock()  # trials start from several threads; Process.start is not guarded
+
+
+class _PassedFd:
+    """A file descriptor a forked worker receives (over the fork server's Unix socket)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple:
+        return _received_fd, (DupFd(self.fd),)
+
+
+def _received_fd(passed: Any) -> int:
+    return passed.detach()
+
+
+@contextmanager
+def _forked_worker(
+    command: list[str], env: dict[str, str], claim: int
+) -> Iterator[tuple[Iterator[str], Callable[[], int]]]:
+    """A single-process worker forked from the fork server: its output, and its wait. The
+    server (multiprocessing's, one per launcher process) imports `PRELOAD` when it starts,
+    so each trial skips the imports; the fork is a process like any other (killed, reaped and
+    reported by its exit status as one)."""
+    argv = command[command.index("cluster.trial") + 1 :]
+    read_end, write_end = os.pipe()
+    try:
+        worker = _FORK_SERVER.Process(
+            target=run_forked,
+            args=(argv, env, _PassedFd(write_end), _PassedFd(claim)),
+            name=f"trial {argv[0]}",
+        )
+        with _STARTING:
+            worker.start()
+    finally:
+        os.close(write_end)  # the worker holds the only write end: EOF when it exits
+
+    def wait() -> int:
+        worker.join()
+        assert worker.exitcode is not None
+        return worker.exitcode
+
+    with open(read_end, encoding="utf-8", errors="replace") as output:
+        try:
+            yield output, wait
+        finally:
+            if worker.exitcode is None:  # the launcher is leaving early (an error, Ctrl-C)
+                worker.join()
 
 
 def run_local(spec: SweepSpec, *, console: Console | None = None) -> SweepOutcome:

@@ -36,7 +36,10 @@ def submitit_parameters(launcher: SlurmLauncherSpec, *, name: str) -> dict[str, 
         "slurm_array_parallelism": launcher.array_parallelism,
         "slurm_signal_delay_s": launcher.signal_delay_s,
         "slurm_setup": list(launcher.setup),
-        "slurm_additional_parameters": dict(launcher.sbatch),
+        "slurm_additional_parameters": {
+            **launcher.sbatch,
+            ("requeue" if launcher.requeue else "no-requeue"): True,
+        },
     }
     if launcher.gpus_per_node:
         parameters["gpus_per_node"] = launcher.gpus_per_node

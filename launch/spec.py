@@ -545,6 +545,8 @@ SLURM_TYPED_SBATCH = {
     "mem": "mem_gb",
     "array": "array_parallelism",
     "signal": "signal_delay_s",
+    "requeue": "requeue",
+    "no-requeue": "requeue",
     "ntasks-per-node": "(one task per node, always)",
 }
 """sbatch options that have a typed field (or are set by dreamsweep): refused in `sbatch`."""
@@ -581,6 +583,10 @@ class SlurmLauncherSpec(_Strict):
     may come up to 60 s earlier)."""
     max_requeues: int = Field(default=3, ge=0)
     """Requeues per trial after time limits or preemption."""
+    requeue: bool = True
+    """When a node of a trial's job fails, SLURM puts the job back in the queue (`--requeue`)
+    and it resumes from the trial's last checkpoint into the same MLflow run, once enough nodes
+    answer. False (`--no-requeue`): the job ends, its run FAILED; `dreamsweep run` resumes it."""
     setup: list[str] = Field(default_factory=list)
     """Shell lines run in the job before the trial (e.g. `module load cuda`)."""
     sbatch: dict[str, str | int | float | bool] = Field(default_factory=dict)

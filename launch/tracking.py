@@ -20,6 +20,7 @@ TAG_SWEEP = "dreamsweep.sweep"
 TAG_TRIAL = "dreamsweep.trial_id"
 TAG_CHECKPOINT = "dreamsweep.checkpoint.step_{step:06d}"
 TAG_ERROR = "dreamsweep.error"
+TAG_RESUMED_AFTER_ERROR = "dreamsweep.resumed_after_error"  # the error of the attempt resumed
 TAG_SETUP_PREFIX = "dreamsweep.setup."  # what is really on: dtypes, optimizer, kernels
 TAG_PAUSED = "dreamsweep.paused_at_step"  # checkpointed and stopped, to be requeued
 TAG_EARLY_STOP_STEP = "dreamsweep.early_stop.step"

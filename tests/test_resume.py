@@ -119,6 +119,9 @@ def test_killed_worker_is_reported_and_the_rerun_resumes_into_the_same_run(
     assert resumed.info.run_id == killed.info.run_id
     assert resumed.info.status == "FINISHED"
     assert int(resumed.data.tags["dreamsweep.resumed_from_step"]) >= 4
+    # the interrupted attempt's error is kept as history, no longer as the run's error
+    assert "dreamsweep.error" not in resumed.data.tags
+    assert "status -9" in resumed.data.tags["dreamsweep.resumed_after_error"]
     run_id = resumed.info.run_id
     for metric, steps in (("similarity", range(0, 13, 2)), ("loss", range(1, 13))):
         history = [m.step for m in client.get_metric_history(run_id, metric)]

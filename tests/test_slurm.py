@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -167,41 +169,109 @@ def test_the_quickstart_runs_as_a_job_array_and_equals_the_local_launcher(
     assert {r.data.tags["dreamsweep.setup.cpu_threads"] for r in runs} == {"1"}
 
 
+def lose_node(node: str) -> None:
+    """What the rest of the cluster sees when a machine dies: its slurmd and every process it
+    ran for jobs (step daemon, submitit task, torchrun, workers) gone at once. The dev cluster's
+    nodes share this machine: a job's processes on `node` carry SLURMD_NODENAME in their
+    environment, and the first of them is a child of that node's slurmstepd."""
+    doomed = {int(Path(f"/run/slurmd-{node}.pid").read_text())}
+    for entry in Path("/proc").iterdir():
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            parent_name = Path(f"/proc/{parent}/comm").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if f"SLURMD_NODENAME={node}".encode() in environ:
+            doomed.add(int(entry.name))
+            if parent_name == "slurmstepd":
+                doomed.add(parent)
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.slow
-def test_a_two_node_trial_equals_one_process_with_the_same_global_batch(
+def test_a_two_node_trial_survives_a_lost_node_and_equals_one_process_with_the_same_batch(
     slurm_cluster, tmp_path: Path
 ) -> None:
-    def trained(folder: Path, *, batch_size: int, launcher: dict) -> tuple[dict, dict]:
-        folder.mkdir()
-        spec_dict = small_spec(
-            folder,
-            grid={"num_images": [4]},
-            train={"batch_size": batch_size},
-            launcher=launcher,
-        )
-        spec = load_spec(write_spec(folder, spec_dict))
-        if launcher["kind"] == "slurm":
-            submission = submit_slurm(spec, console=Console(file=io.StringIO()))
-            wait_for_jobs(list(submission.submitted.values()))
-        else:
-            assert not run_local(spec, console=Console(file=io.StringIO())).failed
-        [trial] = expand_grid(spec)
-        _, checkpoint = latest_checkpoint(checkpoints_root(trial))
-        weights = torch.load(checkpoint / TRAINER_STATE, weights_only=True)["trainable"]
-        return trial_histories(spec.tracking_uri, spec.experiment_name), weights
-
+    """A 2-node trial (one process per node) loses its second node after its first checkpoint:
+    the run fails clearly (FAILED, saying why), SLURM requeues the job (`requeue`, the default),
+    and once the node is back the job resumes from that checkpoint into the same run. The trial
+    ends with the weights and losses of one process training the same global batch."""
+    grid = {"num_images": [4], "max_steps": 8, "eval_every": 2}
+    on_slurm = tmp_path / "two"
+    on_slurm.mkdir()
     two_nodes = {"kind": "slurm", "nodes": 2, "processes_per_node": 1, "time_min": 10}
-    parallel_curves, parallel = trained(tmp_path / "two", batch_size=1, launcher=two_nodes)
-    single_curves, single = trained(tmp_path / "one", batch_size=2, launcher={"kind": "local"})
+    spec_dict = small_spec(on_slurm, grid=grid, train={"batch_size": 1}, launcher=two_nodes)
+    spec = load_spec(write_spec(on_slurm, spec_dict))
+    [trial] = expand_grid(spec)
+    client = MlflowClient(tracking_uri=spec.tracking_uri)
+    submission = submit_slurm(spec, console=Console(file=io.StringIO()))
+    [job] = submission.submitted.values()
+
+    first_checkpoint = trial.output_dir / "checkpoints" / "step_000002" / "COMPLETE"
+    deadline = time.monotonic() + 300
+    while not first_checkpoint.exists():
+        assert time.monotonic() < deadline, "the trial never started training"
+        time.sleep(0.05)
+    lose_node("node2")
+
+    def trial_run():
+        experiment = client.get_experiment_by_name(spec.experiment_name)
+        [run] = client.search_runs(
+            [experiment.experiment_id], filter_string="tags.`dreamsweep.role` = 'trial'"
+        )
+        return run
+
+    # The first node's rank finds its peer gone at its next collective and fails the run.
+    while trial_run().info.status == "RUNNING":
+        assert time.monotonic() < deadline, "the first node never noticed the lost one"
+        time.sleep(0.2)
+    failed = trial_run()
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["dreamsweep.error"].startswith(
+        "another process of this trial stopped answering (a lost node"
+    )
+    lost_at, _ = latest_checkpoint(checkpoints_root(trial))
+    assert 2 <= lost_at < 8
+    # What slurmctld does itself SlurmdTimeout (300 s by default) after a node fell silent:
+    # the node is DOWN, its jobs NODE_FAIL, and a job submitted with --requeue waits again.
+    subprocess.run(
+        ["scontrol", "update", "nodename=node2", "state=down", "reason=lost"], check=True
+    )
+    while "PENDING" not in squeue_reason(job):
+        assert time.monotonic() < deadline, f"the job was not requeued: {squeue_reason(job)}"
+        time.sleep(0.2)
+    subprocess.run(["slurmd", "-N", "node2"], check=True)  # back (ReturnToService=2)
+    wait_for_jobs([job])
+    resumed = trial_run()
+    assert resumed.info.run_id == failed.info.run_id
+    assert resumed.data.tags["dreamsweep.resumed_from_step"] == str(lost_at)
+    assert "dreamsweep.error" not in resumed.data.tags
+    assert resumed.data.tags["dreamsweep.resumed_after_error"].startswith("another process")
+    _, checkpoint = latest_checkpoint(checkpoints_root(trial))
+    parallel = torch.load(checkpoint / TRAINER_STATE, weights_only=True)["trainable"]
+    parallel_curves = trial_histories(spec.tracking_uri, spec.experiment_name)
+
+    one = tmp_path / "one"
+    one.mkdir()
+    single_spec = load_spec(write_spec(one, small_spec(one, grid=grid, train={"batch_size": 2})))
+    assert not run_local(single_spec, console=Console(file=io.StringIO())).failed
+    [single_trial] = expand_grid(single_spec)
+    _, checkpoint = latest_checkpoint(checkpoints_root(single_trial))
+    single = torch.load(checkpoint / TRAINER_STATE, weights_only=True)["trainable"]
+    single_curves = trial_histories(single_spec.tracking_uri, single_spec.experiment_name)
+
     [(_, parallel_run)], [(_, single_run)] = parallel_curves.items(), single_curves.items()
-    assert sorted(parallel_run["loss"]) == [1, 2, 3, 4]  # rank 0 alone logs
+    assert sorted(parallel_run["loss"]) == list(range(1, 9))  # rank 0 alone logs, each once
     assert list(parallel_run["loss"].values()) == pytest.approx(
         list(single_run["loss"].values()), rel=1e-5
     )
     assert parallel.keys() == single.keys()
     for key in single:
         torch.testing.assert_close(parallel[key], single[key], rtol=1e-3, atol=1e-4)
-    logs = sorted(p.name for p in (tmp_path / "two").rglob("worker-node*.log"))
+    logs = sorted(p.name for p in on_slurm.rglob("worker-node*.log"))
     assert logs == ["worker-node0.log", "worker-node1.log"]  # one task per node
 
 
