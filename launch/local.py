@@ -11,6 +11,7 @@ is held).
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
 import subprocess
 import sys
@@ -222,8 +223,10 @@ def _started_process(
 
 
 _FORK_SERVER = multiprocessing.get_context("forkserver")
-_FORK_SERVER.set_forkserver_preload([PRELOAD])
-_STARTING = threading.Lock()  # trials start from several threads; Process.start is not guarded
+# Trials start and end on several threads, and multiprocessing's Process is not thread-safe:
+# start() polls every other child, reading its exit status from the fork server's pipe once; a
+# join of that child at the same moment then reads the pipe's end and reports status 255.
+_FORK_SERVER_LOCK = threading.Lock()
 
 
 class _PassedFd:
@@ -256,13 +259,18 @@ def _forked_worker(
             args=(argv, env, _PassedFd(write_end), _PassedFd(claim)),
             name=f"trial {argv[0]}",
         )
-        with _STARTING:
+        with _FORK_SERVER_LOCK:
+            # Process-wide, and read when the server starts (at the first trial): set here
+            # rather than on import, which would preload another user's fork server.
+            _FORK_SERVER.set_forkserver_preload([PRELOAD])
             worker.start()
     finally:
         os.close(write_end)  # the worker holds the only write end: EOF when it exits
 
     def wait() -> int:
-        worker.join()
+        multiprocessing.connection.wait([worker.sentinel])  # ended: its status is in the pipe
+        with _FORK_SERVER_LOCK:
+            worker.join()
         assert worker.exitcode is not None
         return worker.exitcode
 
@@ -271,7 +279,7 @@ def _forked_worker(
             yield output, wait
         finally:
             if worker.exitcode is None:  # the launcher is leaving early (an error, Ctrl-C)
-                worker.join()
+                wait()
 
 
 def run_local(spec: SweepSpec, *, console: Console | None = None) -> SweepOutcome:
