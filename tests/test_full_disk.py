@@ -5,18 +5,22 @@ the SLURM tests do)."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import small_spec, start_dreamsweep, write_spec
+from conftest import small_spec, write_spec
 from mlflow.tracking import MlflowClient
+from rich.console import Console
 
 from launch.grid import expand_grid
+from launch.local import run_local
 from launch.spec import load_spec
 from trainers.checkpoint import checkpoints_root, complete_checkpoints
 from trainers.loop import TRAINER_STATE
@@ -62,14 +66,15 @@ def test_a_full_disk_during_a_save_keeps_the_last_checkpoint_and_the_rerun_resum
     [trial] = expand_grid(load_spec(path))
     root = checkpoints_root(trial)
 
-    run = start_dreamsweep("run", str(path), cwd=tmp_path)
-    deadline = time.monotonic() + 300
-    while not (root / "step_000002" / "COMPLETE").exists():
-        assert run.poll() is None and time.monotonic() < deadline, run.communicate()[0]
-        time.sleep(0.01)
-    filler = fill(small_disk, leave=64 * 1024)  # room for logs, not for a checkpoint
-    output = run.communicate(timeout=600)[0]
-    assert run.returncode == 1, output
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(run_local, load_spec(path), console=Console(file=io.StringIO()))
+        deadline = time.monotonic() + 300
+        while not (root / "step_000002" / "COMPLETE").exists():
+            assert not first.done() and time.monotonic() < deadline, first.result()
+            time.sleep(0.01)
+        filler = fill(small_disk, leave=64 * 1024)  # room for logs, not for a checkpoint
+        outcome = first.result(timeout=600)
+    assert [o.returncode for o in outcome.outcomes] == [1]
     log = (trial.output_dir / "worker.log").read_text()
     assert "CheckpointWriteError: could not write the checkpoint of step 4 in" in log, log
     assert "the last complete checkpoint (step 2) is intact and a rerun resumes from it" in log
@@ -86,9 +91,8 @@ def test_a_full_disk_during_a_save_keeps_the_last_checkpoint_and_the_rerun_resum
     assert "could not write the checkpoint of step 4" in failed.data.tags["dreamsweep.error"]
 
     filler.unlink()
-    rerun = start_dreamsweep("run", str(path), cwd=tmp_path)
-    output = rerun.communicate(timeout=600)[0]
-    assert rerun.returncode == 0, output
+    rerun = run_local(load_spec(path), console=Console(file=io.StringIO()))
+    assert not rerun.failed, rerun.failed[0].log_tail
     resumed = client.get_run(failed.info.run_id)
     assert resumed.info.status == "FINISHED"
     assert resumed.data.tags["dreamsweep.resumed_from_step"] == "2"

@@ -89,7 +89,7 @@ def test_the_quickstart_on_two_ray_nodes_equals_the_local_launcher(
 
     run = dreamsweep("run", "configs/quickstart.yaml", cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "3 trained, 0 stopped early by the fifo scheduler, 0 failed" in run.stdout
+    assert "2 trained, 0 stopped early by the fifo scheduler, 0 failed" in run.stdout
 
     on_ray = load_spec(spec_path)
     local = quickstart["root"] / "configs" / "quickstart.yaml"

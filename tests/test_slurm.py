@@ -131,9 +131,8 @@ def squeue_reason(job: str) -> str:
 def test_the_quickstart_runs_as_a_job_array_and_equals_the_local_launcher(
     slurm_cluster, quickstart: dict, tmp_path: Path
 ) -> None:
-    """configs/quickstart.yaml (a 3-trial slice, one per method) with `launcher: slurm`: one
-    array of 3 tasks on the 2-node cluster, every curve equal to the local launcher's run of the
-    same trials."""
+    """configs/quickstart.yaml (a 2-trial slice) with `launcher: slurm`: one array of 2 tasks on
+    the 2-node cluster, every curve equal to the local launcher's run of the same trials."""
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     path = tmp_path / "configs" / "quickstart.yaml"
     spec_dict = quickstart_slice(yaml.safe_load(path.read_text()))
@@ -141,15 +140,15 @@ def test_the_quickstart_runs_as_a_job_array_and_equals_the_local_launcher(
     path.write_text(yaml.safe_dump(spec_dict, sort_keys=False))
     submitted = dreamsweep("run", "configs/quickstart.yaml", cwd=tmp_path)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    assert "0 still in SLURM, 3 to submit" in submitted.stdout
+    assert "0 still in SLURM, 2 to submit" in submitted.stdout
     assert "is a SQLite file, and launcher.kind is 'slurm'" in submitted.stderr
     spec = load_spec(path)
     jobs = [line.rsplit("job ", 1)[1] for line in submitted.stdout.splitlines() if ": job " in line]
-    assert len(jobs) == 3 and all("_" in j for j in jobs)  # three tasks of one array
+    assert len(jobs) == 2 and all("_" in j for j in jobs)  # two tasks of one array
     assert len({j.split("_")[0] for j in jobs}) == 1
     wait_for_jobs(jobs, timeout=900)
     status = dreamsweep("status", "configs/quickstart.yaml", cwd=tmp_path)
-    assert status.stdout.count("FINISHED") == 3, status.stdout
+    assert status.stdout.count("FINISHED") == 2, status.stdout
 
     locally = load_spec(quickstart["root"] / "configs" / "quickstart.yaml")
     assert_same_curves(
@@ -158,7 +157,7 @@ def test_the_quickstart_runs_as_a_job_array_and_equals_the_local_launcher(
         slice_of_b=True,
     )
     again = dreamsweep("run", "configs/quickstart.yaml", cwd=tmp_path)
-    assert "3 already done, 0 still in SLURM, 0 to submit" in again.stdout
+    assert "2 already done, 0 still in SLURM, 0 to submit" in again.stdout
     # the pickles the nodes run are writable by no other user
     assert (spec.resolved_output_dir / "slurm").stat().st_mode & 0o077 == 0
     # Each task's worker sized its threads to the CPUs SLURM gave it (cpus_per_task: 1), not

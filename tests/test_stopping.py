@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -107,8 +108,10 @@ def test_the_loop_stops_at_the_evaluated_step_after_saving_its_checkpoint(tmp_pa
 
 @pytest.mark.slow
 def test_a_sweep_trial_stops_early_records_why_and_counts_as_done(tmp_path: Path) -> None:
-    from conftest import dreamsweep
     from mlflow.tracking import MlflowClient
+    from rich.console import Console
+
+    from launch.local import run_local
 
     # in_domain is 0 on the tiny model for a toy: a weight on it alone never improves the score.
     # The other curves are watched with a hair-trigger threshold over ranges that hold their
@@ -130,9 +133,10 @@ def test_a_sweep_trial_stops_early_records_why_and_counts_as_done(tmp_path: Path
     }
     spec = small_spec(tmp_path, grid={"max_steps": 8, "eval_every": 2}, selection=selection)
     path = write_spec(tmp_path, spec)
-    result = dreamsweep("run", str(path), cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "stopped early at step" in result.stdout
+    printed = io.StringIO()
+    outcome = run_local(load_spec(path), console=Console(file=printed, width=200))
+    assert not outcome.failed, outcome.failed[0].log_tail
+    assert "stopped early at step" in printed.getvalue()
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'small' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("small")
@@ -147,5 +151,6 @@ def test_a_sweep_trial_stops_early_records_why_and_counts_as_done(tmp_path: Path
     assert "collapsed at step" in trial.data.tags["dreamsweep.early_stop.reason"]
     losses = client.get_metric_history(trial.info.run_id, "loss")
     assert max(m.step for m in losses) == stopped
-    again = dreamsweep("run", str(path), cwd=tmp_path)
-    assert "1 already done, 0 to run" in again.stdout
+    again = io.StringIO()
+    run_local(load_spec(path), console=Console(file=again, width=200))
+    assert "1 already done, 0 to run" in again.getvalue()
