@@ -18,6 +18,11 @@ fi
 # The job runner (huey consumers, several processes) serves GenAI evaluation jobs; sweeps do
 # not use it, and it would take the CPU from training on a small login node.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
+# SQLAlchemy's default pool (5 connections + 10 overflow) answers the 16th concurrent writer with
+# "QueuePool limit … reached" (HTTP 400, after 30 s): bench/results/tracking_load.md. Room for
+# 64 trials at once; PostgreSQL's default max_connections is 100.
+export MLFLOW_SQLALCHEMYSTORE_POOL_SIZE=${MLFLOW_SQLALCHEMYSTORE_POOL_SIZE:-16}
+export MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW=${MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW:-48}
 mkdir -p "$store/artifacts"
 backend=${MLFLOW_BACKEND_STORE_URI:-sqlite:///$store/mlflow.db}
 exec mlflow server \
