@@ -74,13 +74,18 @@ class SweepOutcome:
         return [o for o in self.outcomes if o.not_run is not None]
 
 
+def worker_arguments(trial_json: Path, parent_run_id: str) -> list[str]:
+    """`cluster.trial`'s arguments."""
+    return [str(trial_json), "--parent-run-id", parent_run_id]
+
+
 def worker_command(trial_json: Path, parent_run_id: str, processes: int) -> list[str]:
     """The worker's command line: one process, or `processes` data-parallel ones.
 
     Several processes start under torchrun, as `accelerate launch --multi_gpu` does; the
     worker's Accelerator reads the rendezvous from its environment (NCCL on GPUs, gloo on CPUs).
     """
-    entry = ["-m", "cluster.trial", str(trial_json), "--parent-run-id", parent_run_id]
+    entry = ["-m", "cluster.trial", *worker_arguments(trial_json, parent_run_id)]
     if processes == 1:
         return [sys.executable, *entry]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -173,10 +178,12 @@ def _train(
     log_path = trial.output_dir / "worker.log"
     tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
     env = {**os.environ, **threads, "PYTHONUNBUFFERED": "1"}
-    command = worker_command(trial_json, parent_run_id, processes)
-    start = _started_process if processes > 1 else _forked_worker
+    if processes > 1:
+        worker = _started_process(worker_command(trial_json, parent_run_id, processes), env, claim)
+    else:
+        worker = _forked_worker(worker_arguments(trial_json, parent_run_id), env, claim)
     with open(log_path, "a", encoding="utf-8") as log:
-        with start(command, env, claim) as (output, wait):
+        with worker as (output, wait):
             for line in output:
                 event = events.parse(line)
                 if event is None:
@@ -245,13 +252,12 @@ def _received_fd(passed: Any) -> int:
 
 @contextmanager
 def _forked_worker(
-    command: list[str], env: dict[str, str], claim: int
+    argv: list[str], env: dict[str, str], claim: int
 ) -> Iterator[tuple[Iterator[str], Callable[[], int]]]:
     """A single-process worker forked from the fork server: its output, and its wait. The
     server (multiprocessing's, one per launcher process) imports `PRELOAD` when it starts,
     so each trial skips the imports; the fork is a process like any other (killed, reaped and
     reported by its exit status as one)."""
-    argv = command[command.index("cluster.trial") + 1 :]
     read_end, write_end = os.pipe()
     try:
         worker = _FORK_SERVER.Process(
