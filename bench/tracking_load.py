@@ -48,9 +48,9 @@ def write_trial(
     """One writer: a trial's MLflow writes, through the trial's own code; → (run id, journaled)."""
     from mlflow.entities import Metric
 
-    from cluster.journal import JournaledWriter
-    from launch.grid import TrialConfig
-    from launch.tracking import SweepTracking
+    from contract.trial import TrialConfig
+    from tracking.journal import JournaledWriter
+    from tracking.sweep import SweepTracking
 
     trial = TrialConfig.model_validate_json(trial_json)
     start.wait()
@@ -101,12 +101,12 @@ def run_load(
 ) -> LoadResult:
     """Start one writer process per trial at once (forked from a server that imported MLflow
     once, so 64 writers do not pay 64 imports), and check what arrived."""
-    from launch.tracking import SweepTracking
+    from tracking.sweep import SweepTracking
 
     tracking = SweepTracking(uri, experiment)
     parent_run_id = tracking.parent_run(f"load-{len(trials_json)}")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["mlflow.tracking", "cluster.journal", "launch.tracking"])
+    context.set_forkserver_preload(["mlflow.tracking", "tracking.journal", "tracking.sweep"])
     start = context.Barrier(len(trials_json))
     queue = context.Queue()
     began = time.monotonic()
@@ -151,8 +151,8 @@ def main() -> None:  # pragma: no cover - the benchmark, run by hand
 
     from conftest import MlflowServer, PostgresServer, small_spec, write_spec
 
+    from contract.spec import load_spec
     from launch.grid import expand_grid
-    from launch.spec import load_spec
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--writers", type=int, nargs="+", default=[16, 32, 64])

@@ -8,7 +8,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin
 
-from launch.spec import TrainSpec
+from contract.spec import TrainSpec
 
 
 def deepspeed_config(train: TrainSpec) -> dict[str, Any]:

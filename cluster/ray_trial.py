@@ -22,10 +22,10 @@ import ray
 import ray.util
 from ray import tune
 
+from cluster import events
 from cluster.claims import TrialClaimed, claim_trial
 from cluster.signals import DIE_WITH_PARENT, die_with_parent
-from launch import events
-from launch.grid import TrialConfig
+from contract.trial import TrialConfig
 from launch.local import LOG_TAIL_LINES, worker_command, write_trial_json
 from selection.scoring import weighted_scores
 from trainers.checkpoint import (

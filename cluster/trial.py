@@ -71,14 +71,17 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
-    from cluster.journal import fail_fast_over_http
+    from tracking.journal import fail_fast_over_http
 
     fail_fast_over_http()
+    from cluster import events
     from cluster.accelerator import make_accelerator
-    from cluster.reporters import MlflowReporter, ProgressReporter, Reporters
-    from launch.grid import TrialConfig
-    from launch.tracking import TAG_ERROR, TAG_PAUSED, SweepTracking
+    from cluster.reporters import ProgressReporter, Reporters
+    from contract.layout import TAG_ERROR, TAG_PAUSED
+    from contract.trial import TrialConfig
     from selection.stopping import early_stopper
+    from tracking.reporter import MlflowReporter
+    from tracking.sweep import SweepTracking
     from trainers.loop import TrialPaused, train_trial
 
     config = TrialConfig.model_validate_json(args.trial_json.read_text(encoding="utf-8"))
@@ -91,7 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     if state.is_main_process:
         tracking = SweepTracking(config.tracking_uri, config.experiment)
         run_id = tracking.trial_run(args.parent_run_id, config)
-        mlflow_reporter = MlflowReporter(tracking.client, run_id, config.output_dir)
+        mlflow_reporter = MlflowReporter(
+            tracking.client,
+            run_id,
+            config.output_dir,
+            on_writes_pending=lambda writes: events.emit("journal_pending", writes=writes),
+        )
         reporter = Reporters(mlflow_reporter, ProgressReporter())
         # A resumed trial's stopper first reads what the run logged before the interruption.
         history = tracking.evaluations(run_id, config.eval.metrics)

@@ -17,12 +17,11 @@ import transformers  # noqa: E402
 transformers.utils.logging.set_verbosity_error()
 
 import cluster.accelerator  # noqa: E402
-import cluster.journal  # noqa: E402
 import cluster.reporters  # noqa: E402
 import cluster.trial  # noqa: E402
-import launch.grid  # noqa: E402
-import launch.tracking  # noqa: E402, F401
 import selection.stopping  # noqa: E402, F401
+import tracking.journal  # noqa: E402
+import tracking.sweep  # noqa: E402, F401
 import trainers.loop  # noqa: E402, F401
 
 cluster.trial._quiet_libraries()

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from launch.cache import build_once, cache_key, cache_root
-from launch.spec import TINY
+from contract.cache import build_once, cache_key, cache_root
+from contract.spec import TINY
 
 TINY_HEAD_NAME = "tiny-aesthetic-head-v1"
 TINY_HEAD_FILE = "head.pth"

@@ -19,9 +19,9 @@ from transformers import (
     CLIPTokenizer,
 )
 
-from launch.cache import build_once
-from launch.spec import TINY
-from trainers.tokenizer import write_clip_tokenizer
+from contract.cache import build_once
+from contract.spec import TINY
+from evaluation.tokenizer import write_clip_tokenizer
 
 TINY_CLIP_NAME = "tiny-clip-v1"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
 
-from launch.cache import build_once
-from launch.spec import TINY
+from contract.cache import build_once
+from contract.spec import TINY
 
 TINY_DINO_NAME = "tiny-dino-v1"
 IMAGENET_MEAN = [0.485, 0.456, 0.406]

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from launch.cache import cache_key, cache_root
-from trainers.images import load_rgb
+from contract.cache import cache_key, cache_root
+from contract.images import load_rgb
 
 
 class ImageEncoder(Protocol):

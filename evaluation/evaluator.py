@@ -21,6 +21,9 @@ from diffusers import (
 )
 from PIL import Image
 
+from contract.layout import METRIC_EVAL_SECONDS, NO_NEGATIVE
+from contract.prompts import Prompt, expand, fixed_prompts, load_template
+from contract.spec import FACE_CLASSES, EvalSpec, subject_image_files
 from evaluation.aesthetics import load_aesthetic_head
 from evaluation.clip import Clip
 from evaluation.dino import Dino
@@ -32,8 +35,6 @@ from evaluation.metrics import (
     frechet_distance,
     similarity_per_image,
 )
-from evaluation.prompts import Prompt, expand, fixed_prompts, load_template
-from launch.spec import FACE_CLASSES, EvalSpec, subject_image_files
 
 SAMPLERS = {
     "dpm++": DPMSolverMultistepScheduler,
@@ -41,8 +42,6 @@ SAMPLERS = {
     "euler": EulerDiscreteScheduler,
     "pndm": PNDMScheduler,
 }
-NO_NEGATIVE = "no_negative"
-"""The variant generated without `eval.negative_prompt`; its curves are `<metric>/no_negative`."""
 GRID_PROMPTS = 8
 """Prompts shown per variant in the logged sample grid (all images go into the records)."""
 AESTHETIC_SCALE = 10.0
@@ -309,7 +308,7 @@ class Evaluator:
         started = time.perf_counter()
         images = self.generate(pipeline)
         metrics, per_image = self.measure(images)
-        metrics["eval_seconds"] = time.perf_counter() - started
+        metrics[METRIC_EVAL_SECONDS] = time.perf_counter() - started
         return Evaluation(
             metrics=metrics,
             images=images,

@@ -11,9 +11,9 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from contract.spec import SELECTABLE_METRICS, SpecError, SweepSpec, load_spec
 from launch.preflight import missing_packages, network_warnings, tracking_warnings
 from launch.slurm import SlurmError
-from launch.spec import SELECTABLE_METRICS, SpecError, SweepSpec, load_spec
 
 
 def _validate(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
@@ -129,8 +129,8 @@ def _report(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
 
 def _sync(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
     from cluster.claims import TrialClaimed, claim_trial
-    from cluster.journal import journal_path, replay_journal, unreachable
     from launch.local import close_parent_run, prepare_sweep
+    from tracking.journal import journal_path, replay_journal, unreachable
 
     trials, tracking, parent_run_id, _, _ = prepare_sweep(spec)
     journaled = [t for t in trials if journal_path(t.output_dir).exists()]
@@ -191,7 +191,7 @@ COMMANDS = {
 
 def _prompts(args: argparse.Namespace) -> int:
     """Expand a prompt template to JSON lines: index, prompt, phrases (for inference studies)."""
-    from evaluation.prompts import PromptTemplateError, expand, load_template, template_path
+    from contract.prompts import PromptTemplateError, expand, load_template, template_path
 
     path = template_path(args.template, base_dir=Path.cwd())
     try:
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prompts":
         return _prompts(args)
     console = Console(soft_wrap=True)  # long paths and URIs stay on one line, copy-pasteable
-    from cluster.journal import fail_fast_over_http
+    from tracking.journal import fail_fast_over_http
 
     fail_fast_over_http()  # a dead tracking server is reported in seconds, not minutes
     try:

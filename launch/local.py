@@ -37,14 +37,15 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from cluster import events
 from cluster.claims import TrialClaimed, claim_trial
 from cluster.cpu_threads import thread_environment
 from cluster.forked_worker import PRELOAD, run_forked
-from cluster.journal import JOURNAL_FILE, unreachable
-from launch import events
-from launch.grid import TrialConfig, expand_grid
-from launch.spec import SweepSpec
-from launch.tracking import SweepTracking
+from contract.spec import SweepSpec
+from contract.trial import TrialConfig
+from launch.grid import expand_grid
+from tracking.journal import JOURNAL_FILE, unreachable
+from tracking.sweep import SweepTracking
 
 LOG_TAIL_LINES = 20
 

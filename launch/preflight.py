@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from launch.spec import SweepSpec
+from contract.spec import SweepSpec
 
 # spec option → (package, pip requirement)
 _NEEDS = {

@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from launch.grid import TrialConfig
+from contract.layout import TAG_EARLY_STOP_REASON, TAG_EARLY_STOP_STEP
+from contract.spec import RayLauncherSpec, SweepSpec
+from contract.trial import TrialConfig
 from launch.local import close_parent_run, prepare_sweep
-from launch.spec import RayLauncherSpec, SweepSpec
-from launch.tracking import TAG_EARLY_STOP_REASON, TAG_EARLY_STOP_STEP, SweepTracking
+from tracking.sweep import SweepTracking
 
 if TYPE_CHECKING:  # Ray is imported only when a sweep runs on it
     from ray.tune import ResultGrid

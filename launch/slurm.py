@@ -16,9 +16,9 @@ from typing import Any
 
 from rich.console import Console
 
-from launch.grid import TrialConfig
+from contract.spec import SlurmLauncherSpec, SweepSpec
+from contract.trial import TrialConfig
 from launch.local import prepare_sweep, write_trial_json
-from launch.spec import SlurmLauncherSpec, SweepSpec
 
 
 def jobs_file(spec: SweepSpec) -> Path:
@@ -206,7 +206,7 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
 def sweep_status(spec: SweepSpec) -> list[TrialStatus]:
     """Each trial's SLURM state (or MLflow outcome), last logged step and latest metrics."""
     from launch.grid import expand_grid
-    from launch.tracking import SweepTracking
+    from tracking.sweep import SweepTracking
 
     jobs = read_jobs(spec)
     states = slurm_states([j["job_id"] for j in jobs.values()])

@@ -17,13 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import mlflow
-
-BEST_ALIAS = "best"
-TAG_WEIGHTS = "dreamsweep.selection_weights"
-
-
-def registered_name(sweep: str, subject: str, method: str) -> str:
-    return f"{sweep}.{subject}.{method}"
+from contract.layout import BEST_ALIAS, TAG_SELECTION_WEIGHTS, registered_model_name
 
 
 @dataclass(frozen=True)
@@ -100,14 +94,16 @@ def register_best(
     registered = []
     for (subject, method), group in sorted(groups.items()):
         winner = min(group, key=lambda c: (-c.score, c.label))
-        name = registered_name(sweep, subject, method)
+        name = registered_model_name(sweep, subject, method)
         _ensure_model(client, name)
         version = _version_for(client, name, winner)
         client.set_model_version_tag(
-            name, version, TAG_WEIGHTS, json.dumps(weights, sort_keys=True)
+            name, version, TAG_SELECTION_WEIGHTS, json.dumps(weights, sort_keys=True)
         )
         client.set_registered_model_alias(name, BEST_ALIAS, version)
-        client.set_registered_model_tag(name, TAG_WEIGHTS, json.dumps(weights, sort_keys=True))
+        client.set_registered_model_tag(
+            name, TAG_SELECTION_WEIGHTS, json.dumps(weights, sort_keys=True)
+        )
         registered.append(Registered(name=name, version=version, candidate=winner))
     return registered
 

@@ -21,20 +21,20 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
-from launch.spec import SELECTABLE_METRICS, SweepSpec
-from launch.tracking import SweepTracking
-from selection.records import load_records, per_phrase_means
+from contract.layout import no_negative_key
+from contract.spec import SELECTABLE_METRICS, SweepSpec
 from selection.scoring import (
     best_step,
     first_collapse,
     min_max_scale,
     weighted_scores,
 )
+from tracking.records import load_records, per_phrase_means
+from tracking.sweep import SweepTracking
 
 RULE_OF_THUMB = 100
 """The portrait study's rule of thumb: about 100 steps per input image (it measured about 120
 for men and 150 for women)."""
-NO_NEGATIVE = "/no_negative"
 PAGE = (Path(__file__).with_name("report_page.html")).read_text(encoding="utf-8")
 """The page: the sweep's data is put in place of its `/*DATA*/null`."""
 
@@ -68,7 +68,7 @@ def gather(spec: SweepSpec) -> list[TrialCurves]:
     measured = [m for m in spec.eval.metrics if m in SELECTABLE_METRICS]
     names = list(measured)
     if spec.eval.compare_negative:
-        names += [m + NO_NEGATIVE for m in measured]
+        names += [no_negative_key(m) for m in measured]
     trials = []
     runs = tracking.trial_runs(parent.info.run_id).values()
     for run in sorted(runs, key=lambda r: r.info.run_name or ""):

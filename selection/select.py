@@ -6,13 +6,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from launch.spec import SweepSpec
-from launch.tracking import TAG_CHECKPOINT, TAG_TRIAL, SweepTracking
+from contract.layout import (
+    METRIC_BEST_SCORE,
+    METRIC_BEST_STEP,
+    METRIC_COLLAPSE_STEP,
+    TAG_BEST_CHECKPOINT,
+    TAG_CHECKPOINT,
+    TAG_COLLAPSE,
+    TAG_SELECTION_WEIGHTS,
+    TAG_TRIAL,
+)
+from contract.spec import SweepSpec
 from selection.registry import Candidate, Registered, register_best
 from selection.scoring import best_step, first_collapse, weighted_scores
-
-TAG_BEST_CHECKPOINT = "dreamsweep.best_checkpoint"
-TAG_COLLAPSE = "dreamsweep.collapse"
+from tracking.sweep import SweepTracking
 
 
 @dataclass
@@ -69,12 +76,12 @@ def select_sweep(spec: SweepSpec, *, weights: dict[str, float] | None = None) ->
         step, score = best_step(scores)
         collapse = first_collapse(histories, watched, ranges, spec.selection.collapse.threshold)
         checkpoint = run.data.tags.get(TAG_CHECKPOINT.format(step=step))
-        client.log_metric(run_id, "best_step", step)
-        client.log_metric(run_id, "best_score", score)
-        client.set_tag(run_id, "dreamsweep.selection_weights", json.dumps(weights, sort_keys=True))
+        client.log_metric(run_id, METRIC_BEST_STEP, step)
+        client.log_metric(run_id, METRIC_BEST_SCORE, score)
+        client.set_tag(run_id, TAG_SELECTION_WEIGHTS, json.dumps(weights, sort_keys=True))
         client.set_tag(run_id, TAG_BEST_CHECKPOINT, checkpoint or "base model (step 0)")
         if collapse is not None:
-            client.log_metric(run_id, "collapse_step", collapse[0])
+            client.log_metric(run_id, METRIC_COLLAPSE_STEP, collapse[0])
             client.set_tag(run_id, TAG_COLLAPSE, f"{collapse[1]} at step {collapse[0]}")
         else:
             client.set_tag(run_id, TAG_COLLAPSE, "none")

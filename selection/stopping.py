@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from launch.spec import SelectionSpec
+from contract.spec import SelectionSpec
 from selection.scoring import best_step, first_collapse, weighted_scores
 
 Evaluations = Mapping[int, Mapping[str, float]]

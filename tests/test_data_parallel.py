@@ -16,9 +16,9 @@ from conftest import Recorder, kill_when_ready, run_trial, small_spec, write_spe
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
+from contract.spec import load_spec
 from launch.grid import expand_grid
 from launch.local import run_local
-from launch.spec import load_spec
 from trainers.checkpoint import checkpoints_root, latest_checkpoint
 from trainers.loop import TRAINER_STATE
 

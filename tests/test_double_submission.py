@@ -13,8 +13,8 @@ from conftest import small_spec, start_dreamsweep, write_spec
 from mlflow.tracking import MlflowClient
 
 from cluster.claims import TrialClaimed, claim_trial
+from contract.spec import load_spec
 from launch.grid import expand_grid
-from launch.spec import load_spec
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ import pytest
 from conftest import QUICKSTART_SUBJECTS
 from PIL import Image
 
+from contract.cache import cache_root
+from contract.spec import EvalSpec
 from evaluation.evaluator import NO_NEGATIVE, Evaluator, in_domain_mode, make_sampler
-from launch.cache import cache_root
-from launch.spec import EvalSpec
 from trainers.models import assemble_pipeline, load_base_model
 
 TINY_ENCODERS = {"clip_model": "tiny", "dino_model": "tiny", "aesthetics_head": "tiny"}

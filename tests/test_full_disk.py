@@ -19,9 +19,9 @@ from conftest import small_spec, write_spec
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
+from contract.spec import load_spec
 from launch.grid import expand_grid
 from launch.local import run_local
-from launch.spec import load_spec
 from trainers.checkpoint import checkpoints_root, complete_checkpoints
 from trainers.loop import TRAINER_STATE
 

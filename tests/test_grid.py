@@ -8,8 +8,8 @@ from pathlib import Path
 
 from conftest import copy_subject, small_spec, write_spec
 
+from contract.spec import load_spec
 from launch.grid import expand_grid
-from launch.spec import load_spec
 
 
 def test_grid_is_the_cross_product_in_a_stable_order(tmp_path: Path) -> None:

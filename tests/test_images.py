@@ -14,9 +14,9 @@ import pytest
 from conftest import small_spec, write_spec
 from PIL import Image
 
-from launch.spec import SpecError, load_spec
+from contract.images import image_problem, load_rgb
+from contract.spec import SpecError, load_spec
 from trainers.data import load_subject_pixels, to_training_tensor
-from trainers.images import image_problem, load_rgb
 
 RED, GREEN, BLUE = (220, 20, 30), (10, 200, 40), (20, 30, 210)
 

@@ -12,7 +12,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from cluster.journal import JOURNAL_FILE, JournaledWriter, pending_writes
+from tracking.journal import JOURNAL_FILE, JournaledWriter, pending_writes
 
 pytestmark = pytest.mark.slow
 

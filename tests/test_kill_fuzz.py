@@ -31,12 +31,13 @@ import torch
 from conftest import REPO, small_spec, write_spec
 from mlflow.tracking import MlflowClient
 
+from cluster import events
 from cluster.cpu_threads import THREAD_VARIABLES
-from launch import events
-from launch.grid import TrialConfig, expand_grid
+from contract.spec import load_spec
+from contract.trial import TrialConfig
+from launch.grid import expand_grid
 from launch.local import write_trial_json
-from launch.spec import load_spec
-from launch.tracking import SweepTracking
+from tracking.sweep import SweepTracking
 from trainers.checkpoint import checkpoints_root, latest_checkpoint
 from trainers.loop import TRAINER_STATE
 

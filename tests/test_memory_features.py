@@ -15,9 +15,10 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from cluster.accelerator import deepspeed_config
-from launch.cache import cache_root
-from launch.grid import TrialConfig, expand_grid
-from launch.spec import TrainSpec, load_spec
+from contract.cache import cache_root
+from contract.spec import TrainSpec, load_spec
+from contract.trial import TrialConfig
+from launch.grid import expand_grid
 from trainers.checkpoint import checkpoints_root, complete_checkpoints, steps_to_remove
 from trainers.loop import TRAINER_STATE
 from trainers.memory import MissingPackageError

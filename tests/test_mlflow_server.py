@@ -10,10 +10,10 @@ import pytest
 from conftest import MlflowServer, dreamsweep, small_spec, start_dreamsweep, write_spec
 from mlflow.tracking import MlflowClient
 
-from cluster.journal import JOURNAL_FILE, pending_writes
+from contract.spec import load_spec
 from launch.grid import expand_grid
-from launch.spec import load_spec
 from selection.registry import Candidate, download_best, register_best
+from tracking.journal import JOURNAL_FILE, pending_writes
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
+from evaluation.tokenizer import write_clip_tokenizer
 from trainers.models import load_base_model, resolve_model_source
-from trainers.tokenizer import write_clip_tokenizer
 
 
 def test_clip_tokenizer_matches_stable_diffusion_1_5(tmp_path: Path) -> None:

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import dreamsweep, small_spec, write_spec
 
-from evaluation.evaluator import validation_prompts
-from evaluation.prompts import (
+from contract.prompts import (
     PromptTemplate,
     PromptTemplateError,
     expand,
@@ -17,7 +16,8 @@ from evaluation.prompts import (
     shipped_templates,
     template_path,
 )
-from launch.spec import SpecError, load_spec
+from contract.spec import SpecError, load_spec
+from evaluation.evaluator import validation_prompts
 
 TEMPLATE = PromptTemplate(
     template="{style} of {token} {class} {place}",
@@ -126,7 +126,8 @@ def test_cli_expands_a_template_for_an_inference_study(tmp_path: Path) -> None:
 
 
 def test_trial_id_follows_the_templates_content_not_its_location(tmp_path: Path) -> None:
-    from launch.grid import TrialConfig, expand_grid
+    from contract.trial import TrialConfig
+    from launch.grid import expand_grid
 
     def trial_for(template: Path) -> TrialConfig:
         spec_dict = small_spec(tmp_path)

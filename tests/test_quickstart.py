@@ -15,10 +15,11 @@ from conftest import FAKE_SECRETS, REPO, dreamsweep
 from diffusers import StableDiffusionPipeline
 from mlflow.tracking import MlflowClient
 
-from launch.tracking import TAG_SETUP_PREFIX, TAG_TRIAL, SweepTracking
-from selection.records import load_records, per_phrase_means
+from contract.layout import TAG_SETUP_PREFIX, TAG_TRIAL
 from selection.registry import download_best
 from selection.report import fit_steps_per_image
+from tracking.records import load_records, per_phrase_means
+from tracking.sweep import SweepTracking
 from trainers.methods import load_trained_pipeline
 from trainers.models import resolve_model_source
 
@@ -255,7 +256,7 @@ def headless_chromium(profile: Path):
 
 def python_best_steps(quickstart: dict, weights: dict[str, float]) -> dict[str, int]:
     """Each trial's best step for `weights`, computed here from MLflow (not by the page)."""
-    from launch.spec import load_spec
+    from contract.spec import load_spec
     from selection.scoring import best_step, weighted_scores
 
     spec = load_spec(quickstart["root"] / quickstart["spec"])

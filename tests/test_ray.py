@@ -27,8 +27,8 @@ from conftest import (
 )
 from mlflow.tracking import MlflowClient
 
-from launch.spec import load_spec
-from launch.tracking import TAG_EARLY_STOP_REASON, TAG_EARLY_STOP_STEP, TAG_TRIAL
+from contract.layout import TAG_EARLY_STOP_REASON, TAG_EARLY_STOP_STEP, TAG_TRIAL
+from contract.spec import load_spec
 
 pytestmark = pytest.mark.slow
 

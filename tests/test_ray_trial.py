@@ -10,8 +10,8 @@ import pytest
 from conftest import small_spec, write_spec
 
 from cluster.ray_trial import copy_back, step_score
+from contract.spec import load_spec
 from launch.grid import expand_grid
-from launch.spec import load_spec
 from trainers.checkpoint import COMPLETE, latest_checkpoint, write_checkpoint
 
 

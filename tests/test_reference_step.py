@@ -18,9 +18,9 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file
 
-from launch.cache import cache_root
+from contract.cache import cache_root
+from contract.spec import load_spec
 from launch.grid import expand_grid
-from launch.spec import load_spec
 from trainers.checkpoint import checkpoints_root
 from trainers.data import load_subject_pixels
 from trainers.models import load_base_model, resolve_model_source
@@ -102,7 +102,11 @@ def test_lora_loop_equals_hand_written_steps(tmp_path: Path) -> None:
     assert saved.keys() == expected_weights.keys()
     moved = 0
     for key, expected in expected_weights.items():
-        torch.testing.assert_close(saved[key], expected, rtol=1e-5, atol=1e-6)
+        # Within a tenth of one step's size: the loop's and the reference's kernels may sum in
+        # another order (seen: up to 1.3e-5 on some CPUs, varying run to run), and AdamW's
+        # step, lr · m / sqrt(v), magnifies that on near-zero gradients; a wrong step is off
+        # by the order of the learning rate itself.
+        torch.testing.assert_close(saved[key], expected, rtol=1e-5, atol=0.1 * trial.learning_rate)
         moved += int("lora.up" in key and expected.abs().sum() > 0)
     assert moved > 0  # the steps really trained the adapters (B, "up", starts at zero)
 

@@ -12,9 +12,10 @@ from conftest import Recorder, copy_subject, kill_when_ready, run_trial, small_s
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
-from launch.grid import TrialConfig, expand_grid
+from contract.spec import load_spec
+from contract.trial import TrialConfig
+from launch.grid import expand_grid
 from launch.local import run_local
-from launch.spec import load_spec
 from trainers.checkpoint import checkpoints_root, latest_checkpoint
 from trainers.loop import TRAINER_STATE
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launch.spec import STUDY_RANGES
+from contract.spec import STUDY_RANGES
 from selection.scoring import best_step, min_max_scale, weighted_scores
 
 STEPS = range(0, 1001, 100)

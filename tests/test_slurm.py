@@ -27,10 +27,10 @@ from conftest import (
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
+from contract.spec import SpecError, load_spec
 from launch.grid import expand_grid
 from launch.local import run_local
 from launch.slurm import sbatch_script, submit_slurm
-from launch.spec import SpecError, load_spec
 from trainers.checkpoint import checkpoints_root, latest_checkpoint
 from trainers.loop import TRAINER_STATE
 

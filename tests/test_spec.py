@@ -8,8 +8,8 @@ import pytest
 from conftest import REPO, dreamsweep, small_spec, write_spec
 from PIL import Image
 
+from contract.spec import SpecError, load_spec
 from launch.preflight import network_warnings, tracking_warnings
-from launch.spec import SpecError, load_spec
 
 
 def problems_of(path: Path) -> list[str]:

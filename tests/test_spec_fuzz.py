@@ -20,9 +20,9 @@ from conftest import small_spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from contract.spec import SpecError, load_spec
 from launch import cli
 from launch.grid import expand_grid
-from launch.spec import SpecError, load_spec
 
 # What a refusal looks like: "<file>: N problem(s) in the sweep spec:" then "  - field: why".
 HEADER = re.compile(r"^error: (?P<file>.+): (?P<count>\d+) problems? in the sweep spec:$")

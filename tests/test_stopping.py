@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import Recorder, run_trial, small_spec, write_spec
 
+from contract.spec import SelectionSpec, load_spec
 from launch.grid import expand_grid
-from launch.spec import SelectionSpec, load_spec
 from selection.stopping import AllOf, Collapsed, EarlyStopper, NoImprovement, early_stopper
 
 RANGES = {"similarity": (0.0, 1.0), "aesthetics": (0.0, 1.0)}

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, MlflowServer, PostgresServer, small_spec, write_spec
 
+from contract.spec import load_spec
 from launch.grid import expand_grid
-from launch.spec import load_spec
 
 sys.path.insert(0, str(REPO / "bench"))
 from tracking_load import run_load  # bench/ holds scripts, not a package

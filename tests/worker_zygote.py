@@ -23,9 +23,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import cluster.trial
 from cluster.accelerator import make_accelerator  # noqa: F401  (what main imports late)
-from cluster.reporters import MlflowReporter  # noqa: F401
-from launch.grid import TrialConfig  # noqa: F401
+from contract.trial import TrialConfig  # noqa: F401
 from selection.stopping import early_stopper  # noqa: F401
+from tracking.reporter import MlflowReporter  # noqa: F401
 from trainers.loop import train_trial  # noqa: F401
 
 cluster.trial._quiet_libraries()

@@ -1,6 +1,6 @@
 """Training inputs computed once: VAE posteriors of the images and embeddings of the prompts.
 
-Both are cached on disk (`launch.cache`), one file per image or prompt, so every trial of a
+Both are cached on disk (`contract.cache`), one file per image or prompt, so every trial of a
 subject (any num_images, learning rate, seed or method) and every trial that uses the same class
 images reads them instead of running the VAE or the text encoder again. A cache entry is named by
 the base model's id or folder, the resolution and the dtype, and the image's bytes or the
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from launch.cache import cache_key, cache_root
+from contract.cache import cache_key, cache_root
 from trainers.data import load_subject_pixels
 from trainers.models import BaseModel
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from launch.grid import TrialConfig
+    from contract.trial import TrialConfig
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")

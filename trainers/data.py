@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainers.images import load_rgb
+from contract.images import load_rgb
 
 
 def to_training_tensor(image: Image.Image, resolution: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from launch.spec import DreamBoothSpec, SubjectSpec
+from contract.spec import DreamBoothSpec, SubjectSpec
 from trainers.models import BaseModel
 
 

@@ -24,8 +24,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from diffusers.optimization import get_scheduler
 
+from contract.trial import TrialConfig
 from evaluation.evaluator import Evaluation, Evaluator, fill_prompt, make_sampler
-from launch.grid import TrialConfig
 from trainers.caching import (
     ImageSet,
     cached_prompt_embeddings,

@@ -9,7 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from launch.spec import TrainSpec
+from contract.spec import TrainSpec
 
 
 class MissingPackageError(RuntimeError):

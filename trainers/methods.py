@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 from diffusers import StableDiffusionPipeline
 
-from launch.spec import MethodOptions, SubjectSpec
+from contract.spec import MethodOptions, SubjectSpec
 from trainers.dreambooth import DreamBoothMethod
 from trainers.lora import LoRAMethod
 from trainers.models import BaseModel, resolve_model_source

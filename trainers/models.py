@@ -14,9 +14,9 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from launch.cache import build_once
-from launch.spec import TINY
-from trainers.tokenizer import write_clip_tokenizer
+from contract.cache import build_once
+from contract.spec import TINY
+from evaluation.tokenizer import write_clip_tokenizer
 
 # Bump when the tiny architecture changes, so stale caches are not reused.
 TINY_MODEL_NAME = "tiny-sd-v1"

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from contract.cache import build_once, cache_key
+from contract.spec import PriorPreservationSpec
 from evaluation.evaluator import make_sampler
-from launch.cache import build_once, cache_key
-from launch.spec import PriorPreservationSpec
 from trainers.models import BaseModel, assemble_pipeline
 
 CLASS_IMAGES_VERSION = "v2"

@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
-from launch.spec import SubjectSpec, TextualInversionSpec
+from contract.spec import SubjectSpec, TextualInversionSpec
 from trainers.models import BaseModel
 
 WEIGHTS_NAME = "learned_embeds.safetensors"

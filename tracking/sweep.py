@@ -1,7 +1,7 @@
-"""How a sweep is laid out in MLflow: one experiment, a parent run per sweep, a child per trial.
+"""A sweep's runs in MLflow: one experiment, a parent run per sweep, a child per trial.
 
-Launchers, trial workers and selection all find runs through these functions, so the layout
-is defined once. Credentials (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN) are read by MLflow
+Launchers, trial workers and selection all find runs through this class; the names it uses are
+`contract.layout`'s. Credentials (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN) are read by MLflow
 from the environment and never pass through dreamsweep.
 """
 
@@ -13,23 +13,16 @@ from mlflow.entities import Param, Run, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from launch.grid import TrialConfig
-
-TAG_ROLE = "dreamsweep.role"
-TAG_SWEEP = "dreamsweep.sweep"
-TAG_TRIAL = "dreamsweep.trial_id"
-TAG_CHECKPOINT = "dreamsweep.checkpoint.step_{step:06d}"
-TAG_ERROR = "dreamsweep.error"
-TAG_RESUMED_AFTER_ERROR = "dreamsweep.resumed_after_error"  # the error of the attempt resumed
-TAG_SETUP_PREFIX = "dreamsweep.setup."  # what is really on: dtypes, optimizer, kernels
-TAG_PAUSED = "dreamsweep.paused_at_step"  # checkpointed and stopped, to be requeued
-TAG_EARLY_STOP_STEP = "dreamsweep.early_stop.step"
-TAG_EARLY_STOP_REASON = "dreamsweep.early_stop.reason"
-RECORDS_DIR = "records"  # per-image records, one JSON table per evaluated step
-
-
-def records_file(step: int) -> str:
-    return f"{RECORDS_DIR}/step_{step:06d}.json"
+from contract.layout import (
+    EVAL_PROMPTS_FILE,
+    ROLE_SWEEP,
+    ROLE_TRIAL,
+    TAG_ERROR,
+    TAG_ROLE,
+    TAG_SWEEP,
+    TAG_TRIAL,
+)
+from contract.trial import TrialConfig
 
 
 def _quoted(tag: str) -> str:
@@ -64,7 +57,9 @@ class SweepTracking:
         )
 
     def find_parent_run(self, sweep: str) -> Run | None:
-        runs = self._search(f"{_quoted(TAG_ROLE)} = 'sweep' and {_quoted(TAG_SWEEP)} = '{sweep}'")
+        runs = self._search(
+            f"{_quoted(TAG_ROLE)} = '{ROLE_SWEEP}' and {_quoted(TAG_SWEEP)} = '{sweep}'"
+        )
         return min(runs, key=lambda r: r.info.start_time) if runs else None
 
     def parent_run(self, sweep: str, *, params: dict[str, str] | None = None) -> str:
@@ -75,7 +70,7 @@ class SweepTracking:
         run = self.client.create_run(
             self.experiment_id,
             run_name=sweep,
-            tags={TAG_ROLE: "sweep", TAG_SWEEP: sweep},
+            tags={TAG_ROLE: ROLE_SWEEP, TAG_SWEEP: sweep},
         )
         for key, value in (params or {}).items():
             self.client.log_param(run.info.run_id, key, value)
@@ -135,7 +130,7 @@ class SweepTracking:
             tags={
                 MLFLOW_PARENT_RUN_ID: parent_run_id,
                 MLFLOW_RUN_NAME: trial.label,
-                TAG_ROLE: "trial",
+                TAG_ROLE: ROLE_TRIAL,
                 TAG_SWEEP: trial.sweep,
                 TAG_TRIAL: trial.trial_id,
             },
@@ -162,5 +157,5 @@ class SweepTracking:
             **{f"eval.{k}": v for k, v in trial.eval.model_dump().items() if k != "prompts"},
         }
         self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-        self.client.log_dict(run_id, {"prompts": trial.eval.prompts}, "eval_prompts.json")
+        self.client.log_dict(run_id, {"prompts": trial.eval.prompts}, EVAL_PROMPTS_FILE)
         return run_id

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from trainers.images import image_problem
+from contract.images import image_problem
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PROMPT_SLOTS = ("token", "class")
@@ -354,7 +354,7 @@ class PromptTemplateSpec(_Strict):
     @field_validator("template", mode="before")
     @classmethod
     def _shipped_or_path(cls, value: Any, info: ValidationInfo) -> Any:
-        from evaluation.prompts import shipped_templates, template_path
+        from contract.prompts import shipped_templates, template_path
 
         if not isinstance(value, str | Path):
             return value
@@ -862,7 +862,7 @@ def check_subject_files(spec: SweepSpec) -> list[str]:
 
 def check_eval_files(spec: SweepSpec) -> list[str]:
     """Problems with the prompt template and FID reference folder the spec points at."""
-    from evaluation.prompts import PromptTemplateError, load_template
+    from contract.prompts import PromptTemplateError, load_template
 
     problems = []
     template_spec = spec.eval.prompt_template

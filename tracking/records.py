@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from launch.tracking import RECORDS_DIR
+from contract.layout import RECORDS_DIR
 
 
 def load_records(client: MlflowClient, run_id: str) -> pd.DataFrame:

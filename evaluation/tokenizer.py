@@ -1,7 +1,7 @@
 """The real CLIP BPE tokenizer, built offline from OpenAI's merges file.
 
 Stable Diffusion 1.x/2.x tokenize prompts with CLIP's byte-pair encoding. The merges file
-(`bpe_simple_vocab_16e6.txt.gz`, MIT, OpenAI) ships in `trainers/data/`; from it we derive the
+(`bpe_simple_vocab_16e6.txt.gz`, MIT, OpenAI) ships in `evaluation/data/`; from it we derive the
 `vocab.json` + `merges.txt` pair that `transformers.CLIPTokenizer` reads, exactly as OpenAI's
 `simple_tokenizer.py` builds its vocabulary, so token ids equal those of SD 1.5's tokenizer.
 """

@@ -16,7 +16,6 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from filelock import FileLock
 
 
@@ -46,6 +45,8 @@ def build_once(name: str, build: Callable[[Path], None], *, isolate: bool = Fals
 
 
 def _build(target: Path, build: Callable[[Path], None], *, isolate: bool) -> None:
+    import torch  # here, not on import: the contract imports without torch
+
     name = target.name
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:

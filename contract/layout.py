@@ -1,0 +1,70 @@
+"""How a sweep is laid out in MLflow, defined once: every name a stage writes or reads.
+
+One experiment per sweep (`SweepSpec.experiment_name`), a parent run per sweep (role `sweep`),
+a child run per trial (role `trial`, tagged with its trial id). Launchers, workers, selection
+and the report use these names only through this module, so renaming one is one edit. Plain
+strings, no MLflow import: the contract stays importable without heavy dependencies.
+"""
+
+from __future__ import annotations
+
+# Tags of every dreamsweep run.
+TAG_ROLE = "dreamsweep.role"
+ROLE_SWEEP = "sweep"
+ROLE_TRIAL = "trial"
+TAG_SWEEP = "dreamsweep.sweep"
+TAG_TRIAL = "dreamsweep.trial_id"
+
+# Tags a trial's worker writes.
+TAG_CHECKPOINT = "dreamsweep.checkpoint.step_{step:06d}"
+"""A checkpoint's folder, one tag per kept step (removed when retention deletes it)."""
+TAG_ERROR = "dreamsweep.error"
+TAG_RESUMED_AFTER_ERROR = "dreamsweep.resumed_after_error"
+"""The error of the attempt this run resumed after (history; no longer the run's error)."""
+TAG_RESUMED_FROM_STEP = "dreamsweep.resumed_from_step"
+TAG_SETUP_PREFIX = "dreamsweep.setup."
+"""What is really on (dtypes, optimizer, kernels, threads): `dreamsweep.setup.<key>`."""
+TAG_PAUSED = "dreamsweep.paused_at_step"
+"""Checkpointed and stopped by the scheduler's signal, to be requeued."""
+TAG_EARLY_STOP_STEP = "dreamsweep.early_stop.step"
+TAG_EARLY_STOP_REASON = "dreamsweep.early_stop.reason"
+
+# Tags and metrics `dreamsweep select` writes to a trial's run, and the registry's tags.
+TAG_SELECTION_WEIGHTS = "dreamsweep.selection_weights"
+TAG_BEST_CHECKPOINT = "dreamsweep.best_checkpoint"
+TAG_COLLAPSE = "dreamsweep.collapse"
+METRIC_BEST_STEP = "best_step"
+METRIC_BEST_SCORE = "best_score"
+METRIC_COLLAPSE_STEP = "collapse_step"
+BEST_ALIAS = "best"
+"""The registered model's alias of the best checkpoint: `models:/<name>@best`."""
+
+# Curves a trial logs (evaluation metrics are logged under their own names).
+METRIC_LOSS = "loss"
+METRIC_LR = "lr"
+METRIC_EVAL_SECONDS = "eval_seconds"
+NO_NEGATIVE = "no_negative"
+"""The variant generated without `eval.negative_prompt`: its curves are `<metric>/no_negative`."""
+
+# Artifacts of a trial's run.
+EVAL_PROMPTS_FILE = "eval_prompts.json"
+RECORDS_DIR = "records"
+"""Per-image records, one JSON table (mlflow.load_table's layout) per evaluated step."""
+
+
+def records_file(step: int) -> str:
+    return f"{RECORDS_DIR}/step_{step:06d}.json"
+
+
+def samples_file(step: int) -> str:
+    """The grid of an evaluation's sample images."""
+    return f"samples/step_{step:06d}.png"
+
+
+def no_negative_key(metric: str) -> str:
+    return f"{metric}/{NO_NEGATIVE}"
+
+
+def registered_model_name(sweep: str, subject: str, method: str) -> str:
+    """The registry's model of a subject × method's best checkpoint."""
+    return f"{sweep}.{subject}.{method}"

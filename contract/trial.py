@@ -1,0 +1,128 @@
+"""A trial: ONE training trajectory, evaluated on the step grid, and its id.
+
+A trial is (subject, method, num_images, learning_rate, seed). Its id is a stable hash of
+everything that determines what it trains and measures (not of paths, launcher or selection),
+so re-running a spec finds finished trials, and editing a subject's images makes new ones.
+The launcher writes it to `trial.json`; the worker reads it back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from contract.spec import (
+    METHOD_OPTIONS,
+    EvalSpec,
+    Method,
+    MethodOptions,
+    SelectionSpec,
+    SubjectSpec,
+    TrainSpec,
+    subject_image_files,
+)
+
+
+class TrialConfig(BaseModel):
+    """Everything a worker needs to run one trial; written to `trial.json` by the launcher."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sweep: str
+    base_model: str
+    subject: SubjectSpec
+    method: Method
+    options: MethodOptions
+    """The method's options from the spec (its `learning_rate` list is not part of the trial)."""
+    num_images: int
+    learning_rate: float
+    seed: int
+    max_steps: int
+    eval_every: int
+    train: TrainSpec
+    eval: EvalSpec
+    selection: SelectionSpec
+    """How stop steps are chosen; the trial reads it for early stopping only (not identity)."""
+    image_files: list[Path]
+    """The subject's first `num_images` files, in name order."""
+    image_digest: str
+    """sha256 over those files' bytes: the trial id follows the images, not their location."""
+    output_dir: Path
+    """This trial's folder: checkpoints, logs."""
+    tracking_uri: str
+    experiment: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _options_of_the_method(cls, data: Any) -> Any:
+        """trial.json holds the options as a mapping: parse them as the named method's."""
+        if isinstance(data, dict) and isinstance(data.get("options"), dict):
+            options_type = METHOD_OPTIONS.get(data.get("method"))
+            if options_type is not None:
+                return {**data, "options": options_type.model_validate(data["options"])}
+        return data
+
+    @property
+    def trial_id(self) -> str:
+        # Not identity: where things are, where they are logged, how stop steps are chosen, and
+        # settings that do not change the trajectory (other learning rates of the list, which
+        # checkpoints are kept). Prior-preservation settings matter only to a method that uses them.
+        unused = {"checkpoints"} if self.uses_prior else {"checkpoints", "prior"}
+        identity = self.model_dump(
+            mode="json",
+            exclude={
+                "image_files": True,
+                "output_dir": True,
+                "subject": {"images"},
+                "options": {"learning_rate"},
+                "train": unused,
+                "tracking_uri": True,
+                "experiment": True,
+                "selection": True,
+            },
+        )
+        # Evaluation inputs count by content, like the subject's images, not by location.
+        evaluation = identity["eval"]
+        if self.eval.prompt_template is not None:
+            template = self.eval.prompt_template.template
+            evaluation["prompt_template"]["template"] = file_digest([template])
+        if self.eval.fid_reference is not None:
+            evaluation["fid_reference"] = file_digest(subject_image_files(self.eval.fid_reference))
+        blob = json.dumps(identity, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    @property
+    def label(self) -> str:
+        """Short human name: subject/method/n=…/lr=…/seed=…."""
+        return (
+            f"{self.subject.name}/{self.method}/n={self.num_images}"
+            f"/lr={self.learning_rate:g}/seed={self.seed}"
+        )
+
+    @property
+    def uses_prior(self) -> bool:
+        """True when the method adds the prior-preservation loss on class images."""
+        return bool(getattr(self.options, "prior_preservation", False))
+
+    @property
+    def eval_steps(self) -> list[int]:
+        return list(range(0, self.max_steps + 1, self.eval_every))
+
+    @property
+    def checkpoint_steps(self) -> list[int]:
+        """Every evaluated step after 0, and every `train.checkpoints.every` steps."""
+        every = self.train.checkpoints.every
+        extra = range(every, self.max_steps + 1, every) if every else []
+        return sorted({*self.eval_steps[1:], *extra})
+
+
+def file_digest(files: list[Path]) -> str:
+    """sha256 over the files' contents, in order: identity by content, not location."""
+    sha = hashlib.sha256()
+    for path in files:
+        sha.update(hashlib.sha256(path.read_bytes()).digest())
+    return sha.hexdigest()
