@@ -12,13 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-)
+from diffusers import DiffusionPipeline
 from PIL import Image
 
 from contract.layout import METRIC_EVAL_SECONDS, NO_NEGATIVE
@@ -36,25 +30,10 @@ from evaluation.metrics import (
     similarity_per_image,
 )
 
-SAMPLERS = {
-    "dpm++": DPMSolverMultistepScheduler,
-    "ddim": DDIMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "pndm": PNDMScheduler,
-}
 GRID_PROMPTS = 8
 """Prompts shown per variant in the logged sample grid (all images go into the records)."""
 AESTHETIC_SCALE = 10.0
 """The LAION predictor rates 1–10; dividing by 10 gives the study's 0–1 scale (0.3–0.7)."""
-
-
-def make_sampler(name: str, training_scheduler_config: dict):
-    """The evaluation sampler, configured from the base model's noise schedule."""
-    return SAMPLERS[name].from_config(training_scheduler_config)
-
-
-def fill_prompt(template: str, *, token: str, class_token: str) -> str:
-    return Prompt(text=template, phrases={}).render(token=token, class_token=class_token)
 
 
 def validation_prompts(spec: EvalSpec) -> list[Prompt]:

@@ -11,8 +11,10 @@ from conftest import QUICKSTART_SUBJECTS
 from PIL import Image
 
 from contract.cache import cache_root
+from contract.layout import NO_NEGATIVE
 from contract.spec import EvalSpec
-from evaluation.evaluator import NO_NEGATIVE, Evaluator, in_domain_mode, make_sampler
+from evaluation.evaluator import Evaluator, in_domain_mode
+from evaluation.sampling import make_sampler
 from trainers.models import assemble_pipeline, load_base_model
 
 TINY_ENCODERS = {"clip_model": "tiny", "dino_model": "tiny", "aesthetics_head": "tiny"}

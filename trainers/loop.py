@@ -25,7 +25,8 @@ from accelerate.utils import DistributedType, set_seed
 from diffusers.optimization import get_scheduler
 
 from contract.trial import TrialConfig
-from evaluation.evaluator import Evaluation, Evaluator, fill_prompt, make_sampler
+from evaluation.evaluator import Evaluation, Evaluator
+from evaluation.sampling import fill_prompt, make_sampler
 from trainers.caching import (
     ImageSet,
     cached_prompt_embeddings,

@@ -15,7 +15,7 @@ import torch
 
 from contract.cache import build_once, cache_key
 from contract.spec import PriorPreservationSpec
-from evaluation.evaluator import make_sampler
+from evaluation.sampling import make_sampler
 from trainers.models import BaseModel, assemble_pipeline
 
 CLASS_IMAGES_VERSION = "v2"
