@@ -1,0 +1,57 @@
+"""What every part of the sweep spec shares: `SpecError`, the strict base model, the slot and path
+helpers of the validators, and the names and vocabularies used across sections."""
+
+from __future__ import annotations
+
+import re
+import string
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationInfo
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PROMPT_SLOTS = ("token", "class")
+TINY = "tiny"
+# The curves evaluation can measure; here because the eval and selection sections both name them.
+Metric = Literal["similarity", "aesthetics", "diversity", "clip_t", "in_domain", "fid"]
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; `problems` lists every reason, each naming its field."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"{source}: {len(problems)} {noun} in the sweep spec:\n{lines}")
+
+
+class _Strict(BaseModel):
+    # forbid: a misspelt key is an error, not a silently ignored option; frozen: a validated
+    # spec cannot change after its checks ran.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_slots(template: str, allowed: tuple[str, ...]) -> str:
+    """Raise unless `template` is a format string using only the `allowed` slots."""
+    try:
+        slots = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as err:
+        raise ValueError(f"{template!r} is not a valid template: {err}") from None
+    unknown = slots - set(allowed)
+    if unknown:
+        raise ValueError(
+            f"{template!r} uses unknown slot(s) {sorted(unknown)}; allowed: "
+            + ", ".join("{" + s + "}" for s in allowed)
+        )
+    return template
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    path = path.expanduser()
+    if base is not None and not path.is_absolute():
+        path = Path(base) / path
+    return path.resolve() if base is not None else path

@@ -1,0 +1,254 @@
+"""The training sections of the sweep spec: subjects, the grid, the methods and their options,
+prior preservation, DeepSpeed, checkpoints and `TrainSpec`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from contract.spec.base import SAFE_NAME, _check_slots, _resolve, _Strict
+
+LearningRates = Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)]
+Method = Literal["dreambooth", "lora", "textual_inversion"]
+
+
+class SubjectSpec(_Strict):
+    """One subject to personalise the model on."""
+
+    name: str
+    """Short name, used in folder names and run names: letters, digits, `_`, `.`, `-`."""
+    images: Path
+    """Folder of the subject's images (PNG, JPEG, WebP, BMP); files are taken in name order."""
+    class_token: str
+    """The subject's class noun, e.g. `man`, `woman`, `dog`."""
+    identifier: str = "sks"
+    """The rare token that comes to mean this subject, e.g. `sks`."""
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not SAFE_NAME.match(name) or name in {".", ".."}:
+            raise ValueError(
+                "must be a safe path component: 1-64 of letters, digits, '_', '.', '-', "
+                "starting with a letter or digit"
+            )
+        return name
+
+    @field_validator("images")
+    @classmethod
+    def _resolve_images(cls, images: Path, info: ValidationInfo) -> Path:
+        return _resolve(images, info)
+
+    @field_validator("class_token", "identifier")
+    @classmethod
+    def _one_word(cls, word: str) -> str:
+        if not word.strip() or any(c in word for c in "{}\n"):
+            raise ValueError("must be a non-empty word without braces or newlines")
+        return word.strip()
+
+
+class GridSpec(_Strict):
+    """The axes every subject × method × learning rate is crossed with, and the step grid."""
+
+    num_images: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    """Numbers of the subject's images to train on (the first N in name order)."""
+    seed: list[int] = Field(default=[0], min_length=1)
+    """Training seeds to try."""
+    max_steps: int = Field(ge=1)
+    """Length of each training trajectory, in optimizer steps."""
+    eval_every: int = Field(ge=1)
+    """Evaluate every this many steps (and at step 0): these points are the step grid."""
+
+    @model_validator(mode="after")
+    def _eval_divides(self) -> GridSpec:
+        if self.max_steps % self.eval_every:
+            raise ValueError(
+                f"eval_every ({self.eval_every}) must divide max_steps ({self.max_steps}) so the "
+                "last step is evaluated"
+            )
+        return self
+
+
+class DreamBoothSpec(_Strict):
+    """Full fine-tune of the UNet, with class-specific prior preservation (DreamBooth)."""
+
+    learning_rate: LearningRates = Field(default=[5e-6])
+    """Learning rates to try (diffusers' train_dreambooth.py uses 5e-6)."""
+    train_text_encoder: bool = False
+    """Also fine-tune the whole text encoder."""
+    prior_preservation: bool = True
+    """Add the class loss on generated class images (settings in `train.prior`)."""
+
+
+class LoRASpec(_Strict):
+    """Low-rank adapters on the UNet's attention (and optionally the text encoder's)."""
+
+    learning_rate: LearningRates = Field(default=[1e-4])
+    """Learning rates to try (diffusers' train_dreambooth_lora.py uses 1e-4)."""
+    rank: int = Field(default=4, ge=1)
+    """Adapter rank."""
+    alpha: float | None = Field(default=None, gt=0)
+    """Adapter alpha; unset means equal to the rank (scale 1)."""
+    target_modules: list[str] = Field(default=["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    """UNet modules that get adapters (names as in diffusers' attention blocks)."""
+    train_text_encoder: bool = False
+    """Also put adapters on the text encoder's attention."""
+    text_encoder_target_modules: list[str] = Field(
+        default=["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1
+    )
+    """Text-encoder modules that get adapters when `train_text_encoder` is on."""
+    prior_preservation: bool = False
+    """Add the class loss on generated class images (settings in `train.prior`)."""
+
+
+class TextualInversionSpec(_Strict):
+    """One new token per subject; only its embedding row trains."""
+
+    learning_rate: LearningRates = Field(default=[5e-4])
+    """Learning rates to try."""
+    placeholder_token: str = "<{subject}>"
+    """The new token; `{subject}` is the subject's name."""
+
+    @field_validator("placeholder_token")
+    @classmethod
+    def _subject_slot_only(cls, token: str) -> str:
+        _check_slots(token, ("subject",))
+        if not token.strip() or any(c.isspace() for c in token):
+            raise ValueError("must be one word without spaces")
+        return token
+
+
+MethodOptions = DreamBoothSpec | LoRASpec | TextualInversionSpec
+METHOD_OPTIONS: dict[str, type[MethodOptions]] = {
+    "dreambooth": DreamBoothSpec,
+    "lora": LoRASpec,
+    "textual_inversion": TextualInversionSpec,
+}
+
+
+class MethodsSpec(_Strict):
+    """The methods to compare, each with its options. In YAML either a list of names (each with
+    its defaults), e.g. `[dreambooth, lora]`, or a mapping of name → options."""
+
+    dreambooth: DreamBoothSpec | None = None
+    lora: LoRASpec | None = None
+    textual_inversion: TextualInversionSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_or_mapping(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            repeated = sorted({m for m in value if isinstance(m, str) and value.count(m) > 1})
+            if repeated:
+                raise ValueError(f"methods are listed more than once: {repeated}")
+            unknown = [m for m in value if not isinstance(m, str) or m not in METHOD_OPTIONS]
+            if unknown:
+                raise ValueError(
+                    f"unknown method(s) {unknown}; allowed: {', '.join(METHOD_OPTIONS)}"
+                )
+            return {name: {} for name in value}
+        if isinstance(value, dict):  # `lora:` with no options means its defaults
+            return {name: {} if options is None else options for name, options in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> MethodsSpec:
+        if not self.enabled:
+            raise ValueError(f"name at least one method; allowed: {', '.join(METHOD_OPTIONS)}")
+        return self
+
+    @property
+    def enabled(self) -> list[tuple[Method, MethodOptions]]:
+        """(name, options) of each chosen method, in a fixed order (dreambooth, lora, TI)."""
+        return [(n, o) for n in METHOD_OPTIONS if (o := getattr(self, n)) is not None]
+
+
+class PriorPreservationSpec(_Strict):
+    """Class images for prior preservation: generated once by the base model and cached on disk,
+    shared by every trial and subject of the same class (and by later sweeps)."""
+
+    class_prompt: str = "a photo of a {class}"
+    """Prompt of the class images and of the class loss; `{class}` is the subject's class token."""
+    num_class_images: int = Field(default=100, ge=1)
+    """Class images generated per class."""
+    prior_loss_weight: float = Field(default=1.0, ge=0)
+    """Loss = instance loss + this × class loss."""
+    seed: int = 0
+    """Seed of the first class image (image i uses seed + i)."""
+    num_inference_steps: int = Field(default=25, ge=1)
+    """Denoising steps per class image (DPM-Solver++)."""
+    guidance_scale: float = Field(default=7.5, ge=0)
+    """Classifier-free guidance scale of the class images."""
+    batch_size: int = Field(default=4, ge=1)
+    """Class images generated per pipeline call."""
+
+    @field_validator("class_prompt")
+    @classmethod
+    def _class_slot_only(cls, prompt: str) -> str:
+        return _check_slots(prompt, ("class",))
+
+
+class DeepSpeedSpec(_Strict):
+    """DeepSpeed ZeRO through Accelerate; the DeepSpeed config is generated from the spec."""
+
+    zero_stage: Literal[1, 2] = 2
+    """ZeRO stage. Stage 3 is not offered: evaluation generates with the whole UNet in place."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """Keep the optimizer states (and step) in CPU memory."""
+
+
+class CheckpointSpec(_Strict):
+    """When checkpoints are written and which are kept. The newest checkpoint always keeps the
+    optimizer, scheduler and RNG state to resume from; older ones keep only the weights."""
+
+    every: int | None = Field(default=None, ge=1)
+    """Also checkpoint every this many steps (for resuming); unset means only at the evaluation
+    steps, which are always checkpointed."""
+    keep_last: int | None = Field(default=None, ge=1)
+    """Keep only the newest N checkpoints (besides those `keep_eval_steps` keeps); unset: all."""
+    keep_eval_steps: bool = True
+    """Keep every checkpoint on the step grid, whatever `keep_last` says, so any evaluated step
+    can be chosen and registered. Turn off for full DreamBooth on a small disk."""
+
+
+class TrainSpec(_Strict):
+    """How each trajectory trains."""
+
+    resolution: int = Field(default=512, ge=8, multiple_of=8)
+    """Square training resolution in pixels (images are resized and centre-cropped)."""
+    batch_size: int = Field(default=1, ge=1)
+    """Images per micro-batch, per process (with prior preservation, as many class images too)."""
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    """Micro-batches per optimizer step."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Precision of the frozen weights and forward passes; trained weights stay fp32."""
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    """`adamw8bit` is bitsandbytes' 8-bit AdamW (its states take a quarter of the memory)."""
+    adam_weight_decay: float = Field(default=1e-2, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    """Gradient clipping norm."""
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    """Learning-rate schedule."""
+    lr_warmup_steps: int = Field(default=0, ge=0)
+    """Warm-up steps of the learning-rate schedule."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (UNet, and text encoder when it trains)."""
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    """Attention kernels: PyTorch's scaled-dot-product attention, or xformers (must be
+    installed)."""
+    cache_latents: bool = True
+    """Encode each image with the VAE once (cached on disk, shared by the subject's trials),
+    then keep the VAE off the accelerator except during evaluation."""
+    cache_text_embeddings: bool = True
+    """Encode the training prompts once when the text encoder is frozen, then keep it off the
+    accelerator except during evaluation."""
+    deepspeed: DeepSpeedSpec | None = None
+    """DeepSpeed ZeRO over the trial's processes (`launcher.processes_per_trial`); unset means
+    plain data parallelism."""
+    prior: PriorPreservationSpec = PriorPreservationSpec()
+    """Class images and weight of the prior-preservation loss, for methods that turn it on."""
+    checkpoints: CheckpointSpec = CheckpointSpec()
+    """When checkpoints are written and which are kept."""

@@ -1,0 +1,124 @@
+"""The one-way architecture, read from the source: who may import whom, and module size.
+
+Data flows spec → launch → cluster (workers) → trainers / evaluation → tracking → selection, on
+the contract at the bottom. Every import statement counts, including those inside functions
+and under `if TYPE_CHECKING:` (ast sees them all), so a late import cannot hide a back-arrow.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("contract", "tracking", "launch", "cluster", "trainers", "evaluation", "selection")
+PROJECT = (*PACKAGES, "bench", "tests", "configs")
+MAX_LINES = 450
+
+FORBIDDEN: dict[str, set[str]] = {
+    # The contract every stage shares imports nothing of the project but itself.
+    "contract": set(PROJECT) - {"contract"},
+    # Workers and what they run never reach back into the launchers.
+    "cluster": {"launch"},
+    "trainers": {"launch", "cluster", "tracking", "selection"},
+    "evaluation": {"launch", "cluster", "trainers", "tracking", "selection"},
+    "tracking": {"launch", "cluster", "trainers", "selection"},
+    "selection": {"launch", "trainers", "cluster"},
+    "launch": set(),
+}
+"""Package → the project's top-level packages it must not import."""
+NOBODY_IMPORTS = {"bench", "tests"}
+
+
+def python_files(*folders: str, root: Path = REPO) -> list[Path]:
+    return sorted(p for folder in folders for p in (root / folder).rglob("*.py"))
+
+
+def imported_modules(path: Path, root: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import in the file, relative imports resolved."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = path.relative_to(root).parent.parts
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            else:
+                module = node.module or ""
+            found.append((node.lineno, module))
+    return found
+
+
+def import_violations(root: Path = REPO) -> list[str]:
+    problems = []
+    for path in python_files(*PROJECT, root=root):
+        relative = path.relative_to(root)
+        owner = relative.parts[0]
+        for line, module in imported_modules(path, root):
+            top = module.split(".")[0]
+            if top == owner:
+                continue
+            if top in FORBIDDEN.get(owner, set()) or top in NOBODY_IMPORTS:
+                problems.append(f"{relative}:{line}: {owner} imports {module}")
+    return problems
+
+
+def test_every_import_follows_the_one_way_architecture() -> None:
+    problems = import_violations()
+    assert not problems, "imports against the architecture:\n" + "\n".join(problems)
+
+
+def test_the_checker_finds_late_relative_and_type_checking_imports(tmp_path: Path) -> None:
+    """The checker itself, on a made-up tree: each kind of back-arrow is found, by file:line."""
+    files = {
+        "contract/spec.py": "import yaml\n\ndef f():\n    from trainers.loop import train_trial\n",
+        "cluster/worker.py": (
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import launch.local\n"
+        ),
+        "trainers/loop.py": "from ..launch import cli\nfrom . import models\n",
+        "selection/report.py": "from tracking.sweep import SweepTracking\nimport bench.memory\n",
+    }
+    for name, source in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(source, encoding="utf-8")
+    assert import_violations(tmp_path) == [
+        "cluster/worker.py:3: cluster imports launch.local",
+        "contract/spec.py:4: contract imports trainers.loop",
+        "selection/report.py:2: selection imports bench.memory",
+        "trainers/loop.py:1: trainers imports launch",
+    ]
+
+
+def first_comment(path: Path) -> str:
+    """The module docstring, or the leading comment lines."""
+    text = path.read_text(encoding="utf-8")
+    docstring = ast.get_docstring(ast.parse(text)) or ""
+    comments = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        comments.append(line)
+    return docstring + "\n".join(comments)
+
+
+@pytest.mark.parametrize("folder", [*PACKAGES, "bench", "configs"])
+def test_no_module_is_over_450_lines_unless_it_says_why(folder: str) -> None:
+    too_long = []
+    for path in python_files(folder):
+        lines = len(path.read_text(encoding="utf-8").splitlines())
+        if lines > MAX_LINES and f"over {MAX_LINES} lines" not in first_comment(path):
+            too_long.append(f"{path.relative_to(REPO)}: {lines} lines")
+    assert not too_long, (
+        f"modules over {MAX_LINES} lines (split by concern, or say why in the first comment "
+        f"with the words 'over {MAX_LINES} lines'):\n" + "\n".join(too_long)
+    )
+
+
+def test_the_mlflow_folder_is_no_package() -> None:
+    """`mlflow/` holds the tracking-server scripts: an __init__.py would shadow the real mlflow."""
+    assert not (REPO / "mlflow" / "__init__.py").exists()
