@@ -8,6 +8,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
+    SchedulerMixin,
 )
 
 from contract.prompts import Prompt
@@ -19,10 +20,12 @@ SAMPLERS = {
     "pndm": PNDMScheduler,
 }
 
-def make_sampler(name: str, training_scheduler_config: dict):
+
+def make_sampler(name: str, training_scheduler_config: dict) -> SchedulerMixin:
     """The evaluation sampler, configured from the base model's noise schedule."""
     return SAMPLERS[name].from_config(training_scheduler_config)
 
 
 def fill_prompt(template: str, *, token: str, class_token: str) -> str:
+    """`template` with its `{token}` and `{class}` slots filled."""
     return Prompt(text=template, phrases={}).render(token=token, class_token=class_token)
