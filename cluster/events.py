@@ -1,8 +1,9 @@
 """The line protocol a trial worker uses to tell its launcher how it is doing.
 
 Workers print one JSON object per line, prefixed with `PREFIX`, on stdout; everything else a
-worker prints is its log. Launchers that can read a worker's stdout (local) turn the events into
-progress bars; the others ignore them.
+worker prints is its log. Those that read a worker's stdout read it with
+`cluster.worker.read_output`: the local launcher turns the events into progress bars, the Ray
+trainable into Tune's reports; the SLURM task writes the output to its log as it is.
 """
 
 from __future__ import annotations

@@ -2,20 +2,86 @@
 
 Importing torch, diffusers, transformers and MLflow costs a fresh worker process about 6 s of
 CPU, more than a small trial's training. The local launcher starts its single-process workers
-from multiprocessing's fork server instead, preloaded with `PRELOAD`: each fork runs
-`cluster.trial.main` from the start (reads trial.json, opens its MLflow run, loads the model,
-trains) as a process of its own, killed, reaped and reported by its exit status like any other.
-The server computes nothing, so no thread pool is inherited half-used.
+from multiprocessing's fork server instead (`forked_worker`), preloaded with `PRELOAD`: each fork
+runs `cluster.trial.main` from the start (reads trial.json, opens its MLflow run, loads the
+model, trains) as a process of its own, killed, reaped and reported by its exit status like any
+other. The server computes nothing, so no thread pool is inherited half-used.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.connection
 import os
 import shlex
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing.reduction import DupFd
+from typing import Any
+
+from cluster.worker import WORKER_ENTRY, RunningWorker
 
 PRELOAD = "cluster.worker_imports"
 """The module the fork server imports when it starts: everything `cluster.trial.main` imports."""
+
+_FORK_SERVER = multiprocessing.get_context("forkserver")
+# Trials start and end on several threads, and multiprocessing's Process is not thread-safe:
+# start() polls every other child, reading its exit status from the fork server's pipe once; a
+# join of that child at the same moment then reads the pipe's end and reports status 255.
+_FORK_SERVER_LOCK = threading.Lock()
+
+
+class _PassedFd:
+    """A file descriptor a forked worker receives (over the fork server's Unix socket)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple:
+        return _received_fd, (DupFd(self.fd),)
+
+
+def _received_fd(passed: Any) -> int:
+    return passed.detach()
+
+
+@contextmanager
+def forked_worker(argv: list[str], env: dict[str, str], claim: int) -> Iterator[RunningWorker]:
+    """A single-process worker (`cluster.trial` with arguments `argv`) forked from the fork
+    server, holding the trial's `claim` too. The server (multiprocessing's, one per process that
+    forks workers) imports `PRELOAD` when it starts, so each trial skips the imports; the fork
+    is a process like any other (killed, reaped and reported by its exit status as one)."""
+    read_end, write_end = os.pipe()
+    try:
+        worker = _FORK_SERVER.Process(
+            target=run_forked,
+            args=(argv, env, _PassedFd(write_end), _PassedFd(claim)),
+            name=f"trial {argv[0]}",
+        )
+        with _FORK_SERVER_LOCK:
+            # Process-wide, and read when the server starts (at the first trial): set here
+            # rather than on import, which would preload another user's fork server.
+            _FORK_SERVER.set_forkserver_preload([PRELOAD])
+            worker.start()
+    finally:
+        os.close(write_end)  # the worker holds the only write end: EOF when it exits
+
+    def wait() -> int:
+        multiprocessing.connection.wait([worker.sentinel])  # ended: its status is in the pipe
+        with _FORK_SERVER_LOCK:
+            worker.join()
+        assert worker.exitcode is not None
+        return worker.exitcode
+
+    assert worker.pid is not None
+    with open(read_end, encoding="utf-8", errors="replace") as output:
+        try:
+            yield RunningWorker(output, worker.pid, wait)
+        finally:
+            if worker.exitcode is None:  # the caller is leaving early (an error, Ctrl-C)
+                wait()
 
 
 def run_forked(argv: list[str], environment: dict[str, str], output: int, claim: int) -> None:
@@ -29,7 +95,7 @@ def run_forked(argv: list[str], environment: dict[str, str], output: int, claim:
     from cluster.trial import main
 
     del claim  # held, not used: the claim lasts while this process or the launcher lives
-    setproctitle.setproctitle(shlex.join([sys.executable, "-m", "cluster.trial", *argv]))
+    setproctitle.setproctitle(shlex.join([sys.executable, *WORKER_ENTRY, *argv]))
     os.dup2(output, 1)
     os.dup2(output, 2)
     os.close(output)

@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +20,17 @@ import ray
 import ray.util
 from ray import tune
 
-from cluster import events
 from cluster.claims import TrialClaimed, claim_trial
 from cluster.signals import DIE_WITH_PARENT, die_with_parent
+from cluster.worker import (
+    WORKER_LOG,
+    RunningWorker,
+    read_output,
+    started_worker,
+    worker_command,
+    write_trial_json,
+)
 from contract.trial import TrialConfig
-from launch.local import LOG_TAIL_LINES, worker_command, write_trial_json
 from selection.scoring import weighted_scores
 from trainers.checkpoint import (
     COMPLETE,
@@ -90,11 +94,10 @@ def ray_trial(
 def _run(trial: TrialConfig, parent_run_id: str, processes: int, claim: int) -> None:
     restore_from_tune(trial)
     trial_json = write_trial_json(trial)
-    log_path = trial.output_dir / "worker.log"
-    tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+    log_path = trial.output_dir / WORKER_LOG
     pending: tuple[int, dict[str, float]] | None = None
 
-    def report(worker: subprocess.Popen, checkpoint_folder: str | None = None) -> None:
+    def report(worker: RunningWorker, checkpoint_folder: str | None = None) -> None:
         """Report the pending evaluation to Tune, the worker held still meanwhile.
 
         `tune.report` returns once the scheduler has taken the result and lets the trial go on;
@@ -132,24 +135,16 @@ def _run(trial: TrialConfig, parent_run_id: str, processes: int, claim: int) -> 
         context = ray.get_runtime_context()
         address = ray.util.get_node_ip_address()
         log.write(f"Ray Tune trial on node {context.get_node_id()} ({address})\n")
-        with subprocess.Popen(
+        with started_worker(
             command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
+            env,
+            claim,
             start_new_session=True,  # its own process group, paused and resumed as one
             preexec_fn=die_with_parent,
-            pass_fds=(claim,),  # the worker holds the claim too
         ) as worker:
-            assert worker.stdout is not None
-            for line in worker.stdout:
-                event = events.parse(line)
-                if event is None:
-                    log.write(line)
-                    log.flush()
-                    tail.append(line.rstrip("\n"))
-                    continue
+
+            def on_event(event: dict[str, Any]) -> None:
+                nonlocal pending
                 kind = event["event"]
                 if kind == "evaluation":
                     pending = (event["step"], event["metrics"])
@@ -157,6 +152,9 @@ def _run(trial: TrialConfig, parent_run_id: str, processes: int, claim: int) -> 
                     report(worker, event["path"])  # the evaluated step's own checkpoint
                 elif pending is not None and kind in ("step", "early_stop", "finish"):
                     report(worker)  # step 0 (no checkpoint), or a step without one
+
+            # Flushed line by line: Tune may end this actor at any report, mid-trial.
+            tail = read_output(worker.output, log, on_event, flush=True)
             returncode = worker.wait()
     if returncode != 0:
         lines = "\n".join(tail)

@@ -1,8 +1,9 @@
 """Where a SLURM array task lands: one trial, on one or more nodes.
 
 submitit runs `TrialTask` in every task of the job (one task per node). Each task starts the
-trial's worker processes on its node: one `python -m cluster.trial` for a single process, or
-torchrun with the node's rank and the job's rendezvous for several processes or nodes:
+trial's worker processes on its node (`cluster.worker.worker_command`): one
+`python -m cluster.trial` for a single process, or torchrun with the node's rank and the job's
+rendezvous for several processes or nodes:
 
 - node rank: `SLURM_NODEID`, read inside the task (never at submission);
 - rendezvous host: the address of the job's first node (`scontrol show hostnames`, then that
@@ -19,9 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import submitit
@@ -29,19 +28,12 @@ import submitit
 from cluster.claims import TrialClaimed, claim_trial
 from cluster.cpu_threads import thread_environment
 from cluster.signals import CHECKPOINT_SIGNAL, REQUEUE_EXIT, SCHEDULER_SIGNALS
+from cluster.worker import Rendezvous, worker_command
 
 RENDEZVOUS_PORT_BASE = 20000
 CHECKPOINT_WAIT_S = 600
 """How long the job waits for its worker's checkpoint after a time-limit or preemption signal;
 keep launcher.signal_delay_s above the time one checkpoint takes."""
-
-
-@dataclass(frozen=True)
-class Rendezvous:
-    nodes: int
-    node_rank: int
-    host: str
-    port: int
 
 
 def first_node_address(nodelist: str) -> str:
@@ -71,26 +63,6 @@ def rendezvous_from_environment(environ: dict[str, str]) -> Rendezvous:
     )
 
 
-def node_command(
-    trial_json: Path, parent_run_id: str, *, processes_per_node: int, rendezvous: Rendezvous
-) -> list[str]:
-    """The command this node runs for its share of the trial."""
-    entry = ["-m", "cluster.trial", str(trial_json), "--parent-run-id", parent_run_id]
-    if rendezvous.nodes == 1 and processes_per_node == 1:
-        return [sys.executable, *entry]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nnodes={rendezvous.nodes}",
-        f"--node_rank={rendezvous.node_rank}",
-        f"--nproc_per_node={processes_per_node}",
-        f"--master_addr={rendezvous.host}",
-        f"--master_port={rendezvous.port}",
-        *entry,
-    ]
-
-
 def _ignore_scheduler_signals() -> None:
     for scheduler_signal in SCHEDULER_SIGNALS:
         signal.signal(scheduler_signal, signal.SIG_IGN)
@@ -117,11 +89,8 @@ class TrialTask(submitit.helpers.Checkpointable):
             return 0
 
     def _run(self, rendezvous: Rendezvous, *, claim: int | None) -> int:
-        command = node_command(
-            self.trial_json,
-            self.parent_run_id,
-            processes_per_node=self.processes_per_node,
-            rendezvous=rendezvous,
+        command = worker_command(
+            self.trial_json, self.parent_run_id, self.processes_per_node, rendezvous=rendezvous
         )
         log = self.trial_json.parent / f"worker-node{rendezvous.node_rank}.log"
         with open(log, "a", encoding="utf-8") as output:

@@ -129,16 +129,16 @@ def _report(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
 
 def _sync(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
     from cluster.claims import TrialClaimed, claim_trial
-    from launch.local import close_parent_run, prepare_sweep
+    from launch.sweep_run import close_parent_run, prepare_sweep
     from tracking.journal import journal_path, replay_journal, unreachable
 
-    trials, tracking, parent_run_id, _, _ = prepare_sweep(spec)
-    journaled = [t for t in trials if journal_path(t.output_dir).exists()]
+    sweep_run = prepare_sweep(spec)
+    journaled = [t for t in sweep_run.trials if journal_path(t.output_dir).exists()]
     left = 0
     for trial in journaled:
         try:
             with claim_trial(trial.output_dir):
-                writes = replay_journal(tracking.client, trial.output_dir)
+                writes = replay_journal(sweep_run.tracking.client, trial.output_dir)
             console.print(f"{trial.label}: replayed {writes} MLflow write(s)", markup=False)
         except TrialClaimed as claimed:  # its worker replays it itself
             console.print(f"{trial.label}: running ({claimed.holder}); left to it", markup=False)
@@ -148,7 +148,9 @@ def _sync(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
             left += 1
             console.print(f"{trial.label}: MLflow still unreachable ({err})", markup=False)
     if not left:
-        close_parent_run(tracking, parent_run_id, trials, failed=False)
+        close_parent_run(
+            sweep_run.tracking, sweep_run.parent_run_id, sweep_run.trials, failed=False
+        )
     console.print(
         f"Sweep {spec.name}: {len(journaled) - left} journal(s) replayed, {left} left.",
         markup=False,

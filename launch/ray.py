@@ -23,7 +23,7 @@ from rich.console import Console
 from contract.layout import TAG_EARLY_STOP_REASON, TAG_EARLY_STOP_STEP
 from contract.spec import RayLauncherSpec, SweepSpec
 from contract.trial import TrialConfig
-from launch.local import close_parent_run, prepare_sweep
+from launch.sweep_run import close_parent_run, prepare_sweep
 from tracking.sweep import SweepTracking
 
 if TYPE_CHECKING:  # Ray is imported only when a sweep runs on it
@@ -92,7 +92,9 @@ def run_ray(spec: SweepSpec, *, console: Console | None = None) -> RaySweepOutco
     assert isinstance(spec.launcher, RayLauncherSpec)
     launcher = spec.launcher
     console = console or Console()
-    trials, tracking, parent_run_id, skipped, pending = prepare_sweep(spec)
+    sweep_run = prepare_sweep(spec)
+    trials, tracking, parent_run_id = sweep_run.trials, sweep_run.tracking, sweep_run.parent_run_id
+    skipped, pending = sweep_run.done, sweep_run.pending
     console.print(
         f"Sweep [bold]{spec.name}[/]: {len(trials)} trials, {len(skipped)} already done, "
         f"{len(pending)} to run on Ray. MLflow: {spec.tracking_uri}"

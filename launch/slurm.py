@@ -16,9 +16,10 @@ from typing import Any
 
 from rich.console import Console
 
+from cluster.worker import write_trial_json
 from contract.spec import SlurmLauncherSpec, SweepSpec
 from contract.trial import TrialConfig
-from launch.local import prepare_sweep, write_trial_json
+from launch.sweep_run import prepare_sweep
 
 
 def jobs_file(spec: SweepSpec) -> Path:
@@ -50,37 +51,6 @@ def submitit_parameters(launcher: SlurmLauncherSpec, *, name: str) -> dict[str, 
         if value is not None:
             parameters[f"slurm_{field}"] = value
     return parameters
-
-
-def sbatch_script(spec: SweepSpec, trials: int) -> str:
-    """The sbatch file submitit writes for this sweep's array of `trials` (for review, and for
-    golden tests), from the same parameters `submit_slurm` passes."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
-    assert isinstance(spec.launcher, SlurmLauncherSpec)
-    folder = spec.resolved_output_dir / "slurm" / "%j"
-    return _make_sbatch_string(
-        command="<python> -u -m submitit.core._submit <folder>",
-        folder=folder,
-        map_count=trials,
-        **_slurm_executor_parameters(spec.launcher, name=f"dreamsweep-{spec.name}"),
-    )
-
-
-def _slurm_executor_parameters(launcher: SlurmLauncherSpec, *, name: str) -> dict[str, Any]:
-    """Same as `submitit_parameters`, in SlurmExecutor's names (no `slurm_` prefixes)."""
-    renamed = {"timeout_min": "time", "tasks_per_node": "ntasks_per_node", "name": "job_name"}
-    out = {}
-    for key, value in submitit_parameters(launcher, name=name).items():
-        key = key.removeprefix("slurm_")
-        if key == "mem_gb":
-            # as submitit's AutoExecutor writes it
-            key, value = (
-                "mem",
-                f"{int(value)}GB" if value == int(value) else f"{int(value * 1024)}MB",
-            )
-        out[renamed.get(key, key)] = value
-    return out
 
 
 @dataclass
@@ -132,7 +102,9 @@ def submit_slurm(spec: SweepSpec, *, console: Console | None = None) -> Submissi
     launcher = spec.launcher
     assert isinstance(launcher, SlurmLauncherSpec)
     in_queue = queued_job_ids()  # first: an unreachable SLURM fails before MLflow is touched
-    trials, tracking, parent_run_id, skipped, pending = prepare_sweep(spec)
+    sweep_run = prepare_sweep(spec)
+    trials, tracking, parent_run_id = sweep_run.trials, sweep_run.tracking, sweep_run.parent_run_id
+    skipped, pending = sweep_run.done, sweep_run.pending
     jobs = read_jobs(spec)
     active = [t for t in pending if jobs.get(t.trial_id, {}).get("job_id") in in_queue]
     to_submit = [t for t in pending if t not in active]

@@ -12,31 +12,27 @@ runs to the end.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import queue
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, small_spec, write_spec
+from conftest import small_spec, write_spec
 from mlflow.tracking import MlflowClient
 
-from cluster import events
+from cluster.claims import claim_trial
 from cluster.cpu_threads import THREAD_VARIABLES
+from cluster.forked_worker import forked_worker
+from cluster.worker import read_output, worker_arguments, write_trial_json
 from contract.spec import load_spec
 from contract.trial import TrialConfig
 from launch.grid import expand_grid
-from launch.local import write_trial_json
 from tracking.sweep import SweepTracking
 from trainers.checkpoint import checkpoints_root, latest_checkpoint
 from trainers.loop import TRAINER_STATE
@@ -61,92 +57,61 @@ class Attempt:
     returncode: int
     seen: list[tuple[float, dict]] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
+    """The last lines of its log."""
 
 
-class Zygote:
-    """tests/worker_zygote.py: forks trial workers that share its imports (seconds, not 8 s of
-    CPU each); every worker is still its own process, started fresh and killed for real."""
-
-    def __init__(self) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
-        env |= {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "worker_zygote.py")],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self.exits: dict[int, int] = {}
-        self.ended = threading.Condition()
-        self.pids: queue.Queue[int] = queue.Queue()
-        self.starting = threading.Lock()
-        threading.Thread(target=self._listen, daemon=True).start()
-
-    def _listen(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            message = json.loads(line)
-            if "pid" in message:
-                self.pids.put(message["pid"])
-            else:
-                with self.ended:
-                    self.exits[message["exit"]] = message["status"]
-                    self.ended.notify_all()
-
-    def start(self, argv: list[str], log: Path) -> int:
-        assert self.process.stdin is not None
-        with self.starting:
-            self.process.stdin.write(json.dumps({"argv": argv, "log": str(log)}) + "\n")
-            self.process.stdin.flush()
-            return self.pids.get(timeout=300)
-
-    def close(self) -> None:
-        self.process.kill()
-        self.process.wait()
+WORKER_ENV = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES} | {
+    "OMP_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+"""One thread per worker, so that curves compare across runs (and two trajectories share the
+machine's cores)."""
 
 
-def run_worker(
-    zygote: Zygote, trial_json: Path, parent_run_id: str, case: Case | None = None
-) -> Attempt:
-    """One worker of the trial; with a case, SIGKILLed `delay` s after the case's event."""
+WORKER_TIMEOUT_S = 600
+
+
+def run_worker(trial_json: Path, parent_run_id: str, case: Case | None = None) -> Attempt:
+    """One worker of the trial, forked as the local launcher forks single-process workers
+    (`cluster.forked_worker`: the imports are shared, the worker is still its own process, started
+    fresh and killed for real); with a case, SIGKILLed `delay` s after the case's event."""
     log = trial_json.parent / f"attempt-{time.monotonic_ns()}.log"
-    log.touch()
-    pid = zygote.start([str(trial_json), "--parent-run-id", parent_run_id], log)
     attempt = Attempt(returncode=0)
+    # A kill lands only while the worker's output is open: once it ends the worker is gone (or
+    # going), and its pid may soon be another process's.
+    killing = threading.Lock()
+    output_ended = False
+    timed_out = threading.Event()
+    with (
+        claim_trial(trial_json.parent) as claim,
+        open(log, "a", encoding="utf-8") as output,
+        forked_worker(worker_arguments(trial_json, parent_run_id), WORKER_ENV, claim) as worker,
+    ):
 
-    def kill() -> None:
-        with zygote.ended:
-            if pid not in zygote.exits:
-                os.kill(pid, signal.SIGKILL)
+        def kill() -> None:
+            with killing:
+                if not output_ended:
+                    os.kill(worker.pid, signal.SIGKILL)
 
-    def take(line: str) -> None:
-        event = events.parse(line)
-        if event is None:
-            attempt.log.append(line)
-            return
-        attempt.seen.append((time.monotonic(), event))
-        if case is not None and (event["event"], event.get("step")) == case.after:
-            threading.Timer(case.delay, kill).start()
+        def give_up() -> None:
+            timed_out.set()
+            kill()
 
-    deadline = time.monotonic() + 600
-    partial = ""
-    with open(log, encoding="utf-8") as output:
-        while True:
-            partial += output.readline()
-            if partial.endswith("\n"):
-                take(partial)
-                partial = ""
-                continue
-            with zygote.ended:
-                done = pid in zygote.exits
-            if done:  # all it wrote is in the file now
-                for line in (partial + output.read()).splitlines(keepends=True):
-                    take(line)
-                break
-            assert time.monotonic() < deadline, "".join(attempt.log[-20:])
-            time.sleep(0.005)
-    attempt.returncode = zygote.exits[pid]
+        def take(event: dict) -> None:
+            attempt.seen.append((time.monotonic(), event))
+            if case is not None and (event["event"], event.get("step")) == case.after:
+                threading.Timer(case.delay, kill).start()
+
+        watchdog = threading.Timer(WORKER_TIMEOUT_S, give_up)
+        watchdog.start()
+        try:
+            attempt.log = read_output(worker.output, output, take)
+        finally:
+            watchdog.cancel()
+        with killing:
+            output_ended = True
+        attempt.returncode = worker.wait()
+    assert not timed_out.is_set(), "\n".join(attempt.log)
     return attempt
 
 
@@ -213,9 +178,7 @@ def histories(trial: TrialConfig) -> dict[str, dict[int, float]]:
     return out
 
 
-def disturbed(
-    zygote: Zygote, folder: Path, cases_seed: int, took: dict[str, float]
-) -> tuple[TrialConfig, list]:
+def disturbed(folder: Path, cases_seed: int, took: dict[str, float]) -> tuple[TrialConfig, list]:
     """One trajectory: killed at KILLS_PER_TRAJECTORY drawn moments, then run to the end."""
     trial, trial_json, parent = prepared(folder)
     rng = random.Random(cases_seed)
@@ -224,35 +187,24 @@ def disturbed(
         found = latest_checkpoint(checkpoints_root(trial))
         start = found[0] if found else 0
         case = draw_case(rng, start, took)
-        attempt = run_worker(zygote, trial_json, parent, case)
+        attempt = run_worker(trial_json, parent, case)
         staged = any(p.name.startswith(".tmp-") for p in checkpoints_root(trial).glob(".*"))
         last = attempt.seen[-1][1] if attempt.seen else {}
         record.append((case, attempt.returncode, last.get("event"), last.get("step"), staged))
-    final = run_worker(zygote, trial_json, parent)
-    assert final.returncode == 0, "".join(final.log[-20:])
+    final = run_worker(trial_json, parent)
+    assert final.returncode == 0, "\n".join(final.log)
     return trial, record
 
 
-@pytest.fixture
-def zygote() -> Iterator[Zygote]:
-    started = Zygote()
-    yield started
-    started.close()
-
-
-def test_kill_9_at_random_moments_changes_no_weight_and_no_curve(
-    zygote: Zygote, tmp_path: Path
-) -> None:
+def test_kill_9_at_random_moments_changes_no_weight_and_no_curve(tmp_path: Path) -> None:
     reference_trial, reference_json, reference_parent = prepared(tmp_path / "undisturbed")
-    reference = run_worker(zygote, reference_json, reference_parent)
-    assert reference.returncode == 0, "".join(reference.log[-20:])
+    reference = run_worker(reference_json, reference_parent)
+    assert reference.returncode == 0, "\n".join(reference.log)
     took = durations(reference)
 
     seeds = [SEED + index for index in range(2)]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(
-            pool.map(lambda s: disturbed(zygote, tmp_path / f"killed-{s}", s, took), seeds)
-        )
+        results = list(pool.map(lambda s: disturbed(tmp_path / f"killed-{s}", s, took), seeds))
     cases = [row for _, record in results for row in record]
     report = "\n".join(
         f"{c.phase:5} after {c.after} +{c.delay:.3f}s → status {rc}, last event {ev} {st}, "
