@@ -26,9 +26,11 @@ export RAY_ADDRESS="$head_ip:$port"
 export RAY_USAGE_STATS_ENABLED=${RAY_USAGE_STATS_ENABLED:-0}
 
 # Each `ray start --block` lives as long as its srun step; the steps end with the job.
+steps=()
 srun --nodes=1 --ntasks=1 -w "$head_node" \
     ray start --head --node-ip-address="$head_ip" --port="$port" \
     --num-cpus="$cpus" --num-gpus="$gpus" --include-dashboard=false --block &
+steps+=($!)
 for _ in $(seq 60); do
     ray status --address="$RAY_ADDRESS" >/dev/null 2>&1 && break
     sleep 2
@@ -36,6 +38,7 @@ done
 for node in "${nodes[@]:1}"; do
     srun --nodes=1 --ntasks=1 -w "$node" \
         ray start --address="$RAY_ADDRESS" --num-cpus="$cpus" --num-gpus="$gpus" --block &
+    steps+=($!)
 done
 for _ in $(seq 60); do
     alive=$(python -c "import ray; ray.init(address='$RAY_ADDRESS', logging_level='ERROR'); \
@@ -47,5 +50,8 @@ echo "Ray cluster at $RAY_ADDRESS: ${alive:-0}/${#nodes[@]} nodes"
 
 status=0
 dreamsweep run "$spec" || status=$?
-ray stop --force >/dev/null 2>&1 || true
+# End this job's own Ray steps (srun passes the signal to its `ray start --block`, which stops
+# the Ray processes it started); `ray stop` would stop every Ray on the node, another job's too.
+kill -TERM "${steps[@]}" 2>/dev/null || true
+wait "${steps[@]}" 2>/dev/null || true
 exit $status

@@ -119,22 +119,63 @@ FAKE_SECRETS = {
 }
 
 
-def kill_when_ready(marker: Path, cmdline_part: str, timeout: float = 600) -> threading.Thread:
-    """A thread that, once `marker` exists, SIGKILLs every process whose command line contains
-    `cmdline_part` (a worker, or torchrun and its workers): a real crash, mid-trajectory."""
+def descendants(root: int) -> set[int]:
+    """Every live process below `root` (its children, their children, …), read from the parent
+    ids in /proc/*/stat (this kernel may lack /proc/<pid>/task/*/children)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # The fields after the parenthesised command name: state, then the parent id.
+            state, parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue
+        if state != "Z":
+            children.setdefault(int(parent), []).append(int(entry.name))
+    found: set[int] = set()
+    pending = [root]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            if child not in found:
+                found.add(child)
+                pending.append(child)
+    return found
+
+
+def kill_descendants(cmdline_part: str, root_pid: int | None = None) -> set[int]:
+    """SIGKILL every process below `root_pid` (this test process by default) whose command line
+    contains `cmdline_part`; returns their pids. Processes the test did not start are never
+    touched. All are found before any is killed: a killed parent's children would otherwise be
+    re-parented out of the tree, and escape."""
+    root = os.getpid() if root_pid is None else root_pid
+    doomed = set()
+    for pid in descendants(root):
+        try:
+            cmdline = Path("/proc", str(pid), "cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline_part.encode() in cmdline:
+            doomed.add(pid)
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return doomed
+
+
+def kill_when_ready(
+    marker: Path, cmdline_part: str, *, root_pid: int | None = None, timeout: float = 600
+) -> threading.Thread:
+    """A thread that, once `marker` exists, SIGKILLs the processes below `root_pid` (this test
+    process by default: the workers, torchrun, Ray actors its launchers and clusters started)
+    whose command line contains `cmdline_part` (a worker, or torchrun and its workers): a real
+    crash, mid-trajectory."""
 
     def watch() -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if marker.exists():
-                for pid in os.listdir("/proc"):
-                    try:
-                        cmdline = Path("/proc", pid, "cmdline").read_bytes()
-                    except OSError:
-                        continue
-                    if cmdline_part.encode() in cmdline and int(pid) != os.getpid():
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(int(pid), signal.SIGKILL)
+                kill_descendants(cmdline_part, root_pid)
                 return
             time.sleep(0.02)
 

@@ -37,6 +37,7 @@ def train(trial: TrialConfig) -> Recorder:
     return recorder
 
 
+@pytest.mark.slow
 def test_8bit_adamw_keeps_its_states_in_8_bits(tmp_path: Path) -> None:
     trial = make_trial(
         tmp_path / "t",
@@ -55,6 +56,7 @@ def test_8bit_adamw_keeps_its_states_in_8_bits(tmp_path: Path) -> None:
     assert all(torch.isfinite(torch.tensor(loss)) for loss in recorder.losses.values())
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_recomputes_and_changes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -82,6 +84,7 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(
     assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_cached_inputs_are_reused_and_equal_the_uncached_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -119,6 +122,7 @@ def test_cached_inputs_are_reused_and_equal_the_uncached_path(
     assert uncached.losses == pytest.approx(first.losses, rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "trained_module", "trained_dtype", "frozen"),
     [
@@ -142,6 +146,7 @@ def test_bf16_holds_frozen_weights_low_and_trained_weights_in_fp32(
     assert all(torch.isfinite(torch.tensor(loss)) for loss in recorder.losses.values())
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_bigger_batch(tmp_path: Path) -> None:
     big = make_trial(tmp_path / "big", train={"batch_size": 2})
     accumulated = make_trial(
@@ -159,6 +164,7 @@ def test_gradient_accumulation_equals_one_bigger_batch(tmp_path: Path) -> None:
         torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_xformers_asked_for_but_missing_is_a_clear_error(tmp_path: Path) -> None:
     # xformers has no build for the CPU torch these machines run, so it is missing here.
     assert importlib.util.find_spec("xformers") is None
@@ -173,6 +179,7 @@ def test_xformers_asked_for_but_missing_is_a_clear_error(tmp_path: Path) -> None
     assert not checkpoints_root(trial).exists()
 
 
+@pytest.mark.slow
 def test_sdpa_is_the_default_attention(tmp_path: Path) -> None:
     recorder = train(make_trial(tmp_path / "t", grid={"max_steps": 2}))
     assert recorder.setup["unet.attention"] == "AttnProcessor2_0"
@@ -219,6 +226,7 @@ def test_retention_policy(
     assert steps_to_remove(steps, keep_last=keep_last, protected=protected) == removed
 
 
+@pytest.mark.slow
 def test_retention_keeps_eval_steps_and_the_newest_and_resume_state_only_once(
     tmp_path: Path,
 ) -> None:
@@ -244,6 +252,7 @@ def test_retention_keeps_eval_steps_and_the_newest_and_resume_state_only_once(
     assert [step for step, _ in complete_checkpoints(checkpoints_root(lean))] == [6]
 
 
+@pytest.mark.slow
 def test_warmup_then_linear_decay_is_the_logged_schedule(tmp_path: Path) -> None:
     trial = make_trial(
         tmp_path / "t",

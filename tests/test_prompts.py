@@ -109,6 +109,7 @@ def test_template_spec_errors_are_collected_before_any_work(tmp_path: Path) -> N
     ]
 
 
+@pytest.mark.slow
 def test_cli_expands_a_template_for_an_inference_study(tmp_path: Path) -> None:
     out = tmp_path / "prompts.jsonl"
     args = ("prompts", "portrait", "--n", "300", "--seed", "2", "--token", "sks", "--class", "man")

@@ -157,14 +157,16 @@ def test_asha_stops_the_trials_that_score_below_the_best_and_runs_it_to_max_t(
 
 
 def kill_when_ready_glob(root: Path, pattern: str, cmdline_part: str) -> threading.Thread:
-    """kill_when_ready on the first folder matching `root/*/pattern`."""
+    """kill_when_ready on the first folder matching `root/*/pattern`. It kills only processes
+    below this test process: the `ray_address` cluster's raylets are its children and start
+    the trial actors, so no other Ray on the machine is touched."""
 
     def watch() -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             found = list(root.glob(f"*/{pattern}"))
             if found:
-                kill_when_ready(found[0], cmdline_part).join()
+                kill_when_ready(found[0], cmdline_part, root_pid=os.getpid()).join()
                 return
             time.sleep(0.1)
 

@@ -86,6 +86,7 @@ def final_checkpoint(trial) -> Path:
     return checkpoints_root(trial) / f"step_{STEPS:06d}"
 
 
+@pytest.mark.slow
 def test_lora_loop_equals_hand_written_steps(tmp_path: Path) -> None:
     spec = small_spec(tmp_path, grid={"max_steps": STEPS, "eval_every": STEPS})
     [trial] = expand_grid(load_spec(write_spec(tmp_path, spec)))
@@ -158,6 +159,7 @@ def reference_textual_inversion_steps(trial) -> tuple[list[float], torch.Tensor]
     return losses, embedding[token_id].detach().clone()
 
 
+@pytest.mark.slow
 def test_textual_inversion_loop_equals_hand_written_steps(tmp_path: Path) -> None:
     spec = small_spec(
         tmp_path,
@@ -270,6 +272,7 @@ def reference_dreambooth_steps(trial, class_files: list[Path]) -> tuple[list[flo
     return losses, unet.state_dict()
 
 
+@pytest.mark.slow
 def test_dreambooth_with_prior_preservation_equals_hand_written_steps(tmp_path: Path) -> None:
     spec = small_spec(
         tmp_path,

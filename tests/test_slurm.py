@@ -1,15 +1,19 @@
 """The SLURM launcher: golden sbatch text (fast), and behaviour on a REAL local SLURM cluster
-(munge, slurmctld, two slurmd daemons), brought up by `cluster/dev_slurm.sh` when root."""
+(munge, slurmctld, two slurmd daemons), brought up by `cluster/dev_slurm.sh` in a temporary
+folder of its own when root."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import os
+import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,7 +34,7 @@ from rich.console import Console
 from contract.spec import SpecError, load_spec
 from launch.grid import expand_grid
 from launch.local import run_local
-from launch.slurm import sbatch_script, submit_slurm
+from launch.slurm import submit_slurm
 from trainers.checkpoint import checkpoints_root, latest_checkpoint
 from trainers.loop import TRAINER_STATE
 
@@ -38,7 +42,26 @@ GOLDEN = Path(__file__).parent / "golden"
 DEV_SLURM = REPO / "cluster" / "dev_slurm.sh"
 
 
-def test_sbatch_text_matches_the_golden_file(tmp_path: Path) -> None:
+FAKE_SLURM = {
+    # submitit looks for `srun` before it submits anything; `squeue` holds nothing.
+    "srun": "exit 0",
+    "squeue": "exit 0",
+    # What SLURM received, kept; answered as sbatch answers an accepted array.
+    "sbatch": 'cat "$1" > "$(dirname "$0")/submitted.sbatch"\necho "Submitted batch job 4242"',
+}
+
+
+def test_sbatch_text_matches_the_golden_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sbatch file submitit writes for a 10-trial array, submitted by `submit_slurm` to
+    stand-ins for SLURM's commands (no cluster needed)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in FAKE_SLURM.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n", encoding="utf-8")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     launcher = {
         "kind": "slurm",
         "partition": "gpu",
@@ -55,9 +78,22 @@ def test_sbatch_text_matches_the_golden_file(tmp_path: Path) -> None:
         "setup": ["module load cuda/12.4"],
         "sbatch": {"constraint": "a100", "exclusive": True},
     }
-    spec = load_spec(write_spec(tmp_path, small_spec(tmp_path, launcher=launcher)))
-    text = sbatch_script(spec, trials=10).replace(str(tmp_path), "<tmp>")
-    assert text == (GOLDEN / "sbatch_two_nodes.txt").read_text(encoding="utf-8")
+    grid = {"seed": list(range(10))}
+    spec = load_spec(write_spec(tmp_path, small_spec(tmp_path, launcher=launcher, grid=grid)))
+    submission = submit_slurm(spec, console=Console(file=io.StringIO()))
+    assert sorted(submission.submitted.values()) == sorted(f"4242_{i}" for i in range(10))
+    text = (bin_dir / "submitted.sbatch").read_text(encoding="utf-8")
+    # The array's folder is that of the first job; its submission file is the one submitted.
+    assert (spec.resolved_output_dir / "slurm" / "4242" / "4242_submission.sh").read_text(
+        encoding="utf-8"
+    ) == text
+    folder = shlex.quote(str(spec.resolved_output_dir / "slurm" / "%j"))
+    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {folder}"
+    assert command in text
+    text = text.replace(command, "<python> -u -m submitit.core._submit <folder>")
+    assert text.replace(str(tmp_path), "<tmp>") == (GOLDEN / "sbatch_two_nodes.txt").read_text(
+        encoding="utf-8"
+    )
 
 
 def test_slurm_fields_are_checked_with_the_allowed_keys(tmp_path: Path) -> None:
@@ -78,14 +114,45 @@ def test_slurm_fields_are_checked_with_the_allowed_keys(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def slurm_cluster():
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A private dev cluster (cluster/dev_slurm.sh) in a temporary folder, which it yields. Its
+    SLURM_CONF is exported to this process and so to every SLURM client the tests and the
+    launcher's `dreamsweep` subprocesses run; dev_slurm.sh refuses to start next to a SLURM it
+    did not start, and nothing outside the folder is touched."""
     if os.geteuid() != 0:
         pytest.skip("the local SLURM cluster needs root (slurmctld and slurmd run as root)")
-    started = subprocess.run([str(DEV_SLURM), "up"], capture_output=True, text=True)
+    folder = tmp_path_factory.mktemp("slurm")
+    started = subprocess.run([str(DEV_SLURM), "up", str(folder)], capture_output=True, text=True)
     assert started.returncode == 0, started.stdout + started.stderr
-    yield
-    subprocess.run(["scancel", "--user=root"], capture_output=True)
-    subprocess.run([str(DEV_SLURM), "down"], check=True, capture_output=True)
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(folder / "slurm.conf")
+    try:
+        yield folder
+    finally:
+        cancel_test_jobs()
+        stopped = subprocess.run(
+            [str(DEV_SLURM), "down", str(folder)], capture_output=True, text=True
+        )
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+
+
+def cancel_test_jobs() -> None:
+    """`scancel` the jobs the tests submitted (the launcher names them dreamsweep-<sweep>) that
+    the private cluster still holds, by id."""
+    listed = subprocess.run(
+        ["squeue", "--noheader", "--array", "--format=%i %j"], capture_output=True, text=True
+    )
+    ids = [
+        job
+        for job, _, name in (line.partition(" ") for line in listed.stdout.splitlines())
+        if name.startswith("dreamsweep-")
+    ]
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True)
 
 
 ENDED = {
@@ -168,20 +235,30 @@ def test_the_quickstart_runs_as_a_job_array_and_equals_the_local_launcher(
     assert {r.data.tags["dreamsweep.setup.cpu_threads"] for r in runs} == {"1"}
 
 
-def lose_node(node: str) -> None:
+def lose_node(cluster: Path, node: str, job: str) -> None:
     """What the rest of the cluster sees when a machine dies: its slurmd and every process it
     ran for jobs (step daemon, submitit task, torchrun, workers) gone at once. The dev cluster's
-    nodes share this machine: a job's processes on `node` carry SLURMD_NODENAME in their
-    environment, and the first of them is a child of that node's slurmstepd."""
-    doomed = {int(Path(f"/run/slurmd-{node}.pid").read_text())}
+    nodes share this machine: the processes of `job` on `node` carry its SLURM_JOB_ID,
+    SLURMD_NODENAME and this cluster's SLURM_CONF in their environment, and the first of them is
+    a child of that node's slurmstepd. The slurmd is the one in the cluster's own pid file."""
+    doomed = {int((cluster / "run" / f"slurmd-{node}.pid").read_text())}
+    ours = {
+        f"SLURM_CONF={cluster / 'slurm.conf'}".encode(),
+        f"SLURMD_NODENAME={node}".encode(),
+    }
+    array_job, _, task = job.partition("_")
     for entry in Path("/proc").iterdir():
         try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
+            environ = set((entry / "environ").read_bytes().split(b"\0"))
             parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             parent_name = Path(f"/proc/{parent}/comm").read_text().strip()
         except (OSError, ValueError):
             continue
-        if f"SLURMD_NODENAME={node}".encode() in environ:
+        of_job = f"SLURM_JOB_ID={job}".encode() in environ or (
+            f"SLURM_ARRAY_JOB_ID={array_job}".encode() in environ
+            and f"SLURM_ARRAY_TASK_ID={task}".encode() in environ
+        )
+        if of_job and ours <= environ:
             doomed.add(int(entry.name))
             if parent_name == "slurmstepd":
                 doomed.add(parent)
@@ -214,7 +291,7 @@ def test_a_two_node_trial_survives_a_lost_node_and_equals_one_process_with_the_s
     while not first_checkpoint.exists():
         assert time.monotonic() < deadline, "the trial never started training"
         time.sleep(0.05)
-    lose_node("node2")
+    lose_node(slurm_cluster, "node2", job)
 
     def trial_run():
         experiment = client.get_experiment_by_name(spec.experiment_name)

@@ -138,6 +138,7 @@ def test_yaml_syntax_error_names_the_file(tmp_path: Path) -> None:
     assert problem.startswith("not valid YAML")
 
 
+@pytest.mark.slow
 def test_cli_validate_prints_trial_count_and_rejects_bad_specs(tmp_path: Path) -> None:
     good = write_spec(tmp_path, small_spec(tmp_path, grid={"seed": [0, 1, 2]}))
     result = dreamsweep("validate", str(good), cwd=tmp_path)
@@ -278,6 +279,7 @@ def test_ray_launcher_and_scheduler_options_are_checked(tmp_path: Path) -> None:
     assert load_spec(write_spec(tmp_path, spec)).launcher.scheduler.kind == "median"
 
 
+@pytest.mark.slow
 def test_validate_warns_when_a_cluster_launcher_writes_to_a_sqlite_file(tmp_path: Path) -> None:
     path = write_spec(tmp_path, small_spec(tmp_path, launcher={"kind": "ray"}))
     checked = dreamsweep("validate", str(path), cwd=tmp_path)
