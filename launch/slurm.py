@@ -80,7 +80,8 @@ def _slurm_command(command: list[str]) -> str:
     except FileNotFoundError:
         raise SlurmError(
             f"`{command[0]}` is not installed here: run dreamsweep on a SLURM login node "
-            "(or bring up a local cluster with cluster/dev_slurm.sh up)"
+            '(or bring up a local cluster: eval "$(sudo cluster/dev_slurm.sh up)", which '
+            "exports SLURM_CONF)"
         ) from None
     if done.returncode != 0:
         raise SlurmError(f"`{' '.join(command)}` failed: {done.stderr.strip()}")
