@@ -150,8 +150,9 @@ down() {
     if [[ -f $controller ]] && is_process "$(cat "$controller")" slurmctld; then
         ids=$(squeue --noheader --format=%i 2>/dev/null || true)
         if [[ -n $ids ]]; then
-            # shellcheck disable=SC2086  # one argument per job id
-            scancel $ids 2>/dev/null || true
+            # One argument per job id, unglobbed (an array job's id reads `123_[1-3]`).
+            mapfile -t job_ids <<<"$ids"
+            scancel "${job_ids[@]}" 2>/dev/null || true
             for _ in $(seq 150); do
                 [[ -z $(squeue --noheader --format=%i 2>/dev/null || echo busy) ]] && break
                 sleep 0.1
@@ -174,7 +175,7 @@ up() {
     local dir=$1 conf=$1/slurm.conf host base
     if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
         apt-get install -y -q slurm-wlm munge >/dev/null || {
-            apt-get update -q && apt-get install -y -q slurm-wlm munge >/dev/null
+            apt-get update -q >/dev/null && apt-get install -y -q slurm-wlm munge >/dev/null
         }
     fi
     if [[ -e $dir && ! -f $dir/$MARKER && -n $(ls -A "$dir") ]]; then

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cluster import events
 from evaluation.evaluator import Evaluation
-from trainers.loop import Reporter
+from trainers.reporting import Reporter
 
 
 class ProgressReporter:

@@ -21,6 +21,7 @@ import cluster.reporters  # noqa: E402
 import cluster.trial  # noqa: E402
 import selection.stopping  # noqa: E402, F401
 import tracking.journal  # noqa: E402
+import tracking.reporter  # noqa: E402
 import tracking.sweep  # noqa: E402, F401
 import trainers.loop  # noqa: E402, F401
 

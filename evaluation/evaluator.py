@@ -17,7 +17,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from contract.layout import METRIC_EVAL_SECONDS
+from contract.layout import METRIC_EVAL_SECONDS, NO_NEGATIVE, no_negative_key
 from contract.spec import EvalSpec
 from evaluation.context import GeneratedImages, TrialContext
 from evaluation.jobs import ImageJob, image_jobs, image_variants, validation_prompts
@@ -132,11 +132,9 @@ class Evaluator:
                 per_image[name] = values
         curves: dict[str, float] = {}
         for variant, rows in self.context.variant_rows():
-            suffix = f"/{variant}" if variant else ""  # `<metric>/no_negative`
             for name in self.spec.metrics:  # the spec's order: the logged curves' order
-                curves[name + suffix] = self.metrics[name].curve(
-                    generated, rows, per_image.get(name)
-                )
+                key = no_negative_key(name) if variant == NO_NEGATIVE else name
+                curves[key] = self.metrics[name].curve(generated, rows, per_image.get(name))
         return curves, {name: values.tolist() for name, values in per_image.items()}
 
     def records(self, per_image: dict[str, list]) -> list[dict[str, object]]:

@@ -32,8 +32,7 @@ from cluster.forked_worker import forked_worker
 from cluster.worker import read_output, worker_arguments, write_trial_json
 from contract.spec import load_spec
 from contract.trial import TrialConfig
-from launch.grid import expand_grid
-from tracking.sweep import SweepTracking
+from launch.sweep_run import prepare_sweep
 from trainers.checkpoint import checkpoints_root, latest_checkpoint
 from trainers.loop import TRAINER_STATE
 
@@ -149,9 +148,9 @@ def prepared(folder: Path) -> tuple[TrialConfig, Path, str]:
     spec = load_spec(
         write_spec(folder, small_spec(folder, grid={"max_steps": MAX_STEPS, "eval_every": 2}))
     )
-    [trial] = expand_grid(spec)
-    tracking = SweepTracking(spec.tracking_uri, spec.experiment_name)
-    return trial, write_trial_json(trial), tracking.parent_run(spec.name)
+    sweep = prepare_sweep(spec)  # as a launcher starts: the parent run, artifacts beside it
+    [trial] = sweep.trials
+    return trial, write_trial_json(trial), sweep.parent_run_id
 
 
 def weights_hash(trial: TrialConfig) -> str:

@@ -4,18 +4,15 @@ bench/tracking_load.py ramps the same load further and records what each backend
 
 from __future__ import annotations
 
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
-from conftest import REPO, MlflowServer, PostgresServer, small_spec, write_spec
+from conftest import MlflowServer, PostgresServer, small_spec, write_spec
 
 from contract.spec import load_spec
 from launch.grid import expand_grid
-
-sys.path.insert(0, str(REPO / "bench"))
-from tracking_load import run_load  # bench/ holds scripts, not a package
+from tracking.load import run_load
 
 pytestmark = pytest.mark.slow
 WRITERS = 16
