@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     from selection.stopping import early_stopper
     from tracking.reporter import MlflowReporter
     from tracking.sweep import SweepTracking
-    from trainers.loop import TrialPaused, train_trial
+    from trainers.loop import train_trial
+    from trainers.reporting import TrialPaused
 
     config = TrialConfig.model_validate_json(args.trial_json.read_text(encoding="utf-8"))
     # The process group comes from the launcher's environment (torchrun, SLURM); across CPU

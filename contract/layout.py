@@ -39,6 +39,21 @@ METRIC_COLLAPSE_STEP = "collapse_step"
 BEST_ALIAS = "best"
 """The registered model's alias of the best checkpoint: `models:/<name>@best`."""
 
+# Params. A trial's run holds its config's fields (also `method.<option>`, `train.<field>`,
+# `eval.<field>`); these are the ones read back. The parent run holds the grid's size.
+PARAM_SUBJECT = "subject"
+PARAM_CLASS_TOKEN = "class_token"
+PARAM_METHOD = "method"
+PARAM_NUM_IMAGES = "num_images"
+PARAM_BASE_MODEL = "base_model"
+PARAM_TRIALS = "trials"
+
+# Tags of a registered model version: which trial's step it is, and its score.
+VERSION_TAG_TRIAL_ID = "trial_id"
+VERSION_TAG_TRIAL = "trial"
+VERSION_TAG_STEP = "step"
+VERSION_TAG_SCORE = "score"
+
 # Curves a trial logs (evaluation metrics are logged under their own names).
 METRIC_LOSS = "loss"
 METRIC_LR = "lr"

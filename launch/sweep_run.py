@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 from filelock import FileLock
 
+from contract.layout import (
+    PARAM_BASE_MODEL,
+    PARAM_TRIALS,
+)
 from contract.spec import SweepSpec
 from contract.trial import TrialConfig
 from launch.grid import expand_grid
@@ -46,7 +50,7 @@ def prepare_sweep(spec: SweepSpec) -> PreparedSweep:
             spec.tracking_uri, spec.experiment_name, artifact_root=output_dir / "mlartifacts"
         )
         parent_run_id = tracking.parent_run(
-            spec.name, params={"trials": str(len(trials)), "base_model": spec.base_model}
+            spec.name, params={PARAM_TRIALS: str(len(trials)), PARAM_BASE_MODEL: spec.base_model}
         )
     finished = tracking.finished_trials(parent_run_id)
     return PreparedSweep(

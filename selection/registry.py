@@ -17,7 +17,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import mlflow
-from contract.layout import BEST_ALIAS, TAG_SELECTION_WEIGHTS, registered_model_name
+from contract.layout import (
+    BEST_ALIAS,
+    TAG_SELECTION_WEIGHTS,
+    VERSION_TAG_SCORE,
+    VERSION_TAG_STEP,
+    VERSION_TAG_TRIAL,
+    VERSION_TAG_TRIAL_ID,
+    registered_model_name,
+)
 
 
 @dataclass(frozen=True)
@@ -58,13 +66,14 @@ def _version_for(client: MlflowClient, name: str, candidate: Candidate) -> str:
     """The version holding this (trial, step), created if there is none yet."""
     for version in client.search_model_versions(f"name = '{name}'"):
         tags = version.tags
-        if tags.get("trial_id") == candidate.trial_id and tags.get("step") == str(candidate.step):
+        same_trial = tags.get(VERSION_TAG_TRIAL_ID) == candidate.trial_id
+        if same_trial and tags.get(VERSION_TAG_STEP) == str(candidate.step):
             return version.version
     tags = {
-        "trial_id": candidate.trial_id,
-        "trial": candidate.label,
-        "step": str(candidate.step),
-        "score": f"{candidate.score:.6f}",
+        VERSION_TAG_TRIAL_ID: candidate.trial_id,
+        VERSION_TAG_TRIAL: candidate.label,
+        VERSION_TAG_STEP: str(candidate.step),
+        VERSION_TAG_SCORE: f"{candidate.score:.6f}",
     }
     folder = Path(candidate.checkpoint)
     try:

@@ -21,7 +21,14 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
-from contract.layout import no_negative_key
+from contract.layout import (
+    PARAM_BASE_MODEL,
+    PARAM_CLASS_TOKEN,
+    PARAM_METHOD,
+    PARAM_NUM_IMAGES,
+    PARAM_SUBJECT,
+    no_negative_key,
+)
 from contract.spec import SELECTABLE_METRICS, SweepSpec
 from selection.scoring import (
     best_step,
@@ -169,9 +176,9 @@ def build_report(spec: SweepSpec, output: Path) -> Path:
                 writer.writerow(
                     [
                         trial.label,
-                        trial.params.get("subject"),
-                        trial.params.get("method"),
-                        trial.params.get("num_images"),
+                        trial.params.get(PARAM_SUBJECT),
+                        trial.params.get(PARAM_METHOD),
+                        trial.params.get(PARAM_NUM_IMAGES),
                         step,
                         *(trial.histories.get(m, {}).get(step, "") for m in metrics),
                     ]
@@ -183,8 +190,8 @@ def build_report(spec: SweepSpec, output: Path) -> Path:
             writer.writerow(
                 [
                     trial.label,
-                    trial.params.get("class_token"),
-                    trial.params.get("num_images"),
+                    trial.params.get(PARAM_CLASS_TOKEN),
+                    trial.params.get(PARAM_NUM_IMAGES),
                     best[trial.label],
                     json.dumps(weights, sort_keys=True),
                 ]
@@ -202,11 +209,11 @@ def build_report(spec: SweepSpec, output: Path) -> Path:
         "trials": [
             {
                 "label": t.label,
-                "subject": t.params.get("subject"),
-                "classToken": t.params.get("class_token"),
-                "method": t.params.get("method"),
-                "baseModel": t.params.get("base_model"),
-                "numImages": int(t.params.get("num_images", 0)),
+                "subject": t.params.get(PARAM_SUBJECT),
+                "classToken": t.params.get(PARAM_CLASS_TOKEN),
+                "method": t.params.get(PARAM_METHOD),
+                "baseModel": t.params.get(PARAM_BASE_MODEL),
+                "numImages": int(t.params.get(PARAM_NUM_IMAGES, 0)),
                 "histories": {m: {str(s): v for s, v in h.items()} for m, h in t.histories.items()},
                 "image": images[t.label],
             }

@@ -34,7 +34,7 @@ from contract.spec import load_spec
 from contract.trial import TrialConfig
 from launch.sweep_run import prepare_sweep
 from trainers.checkpoint import checkpoints_root, latest_checkpoint
-from trainers.loop import TRAINER_STATE
+from trainers.resume import TRAINER_STATE
 
 pytestmark = pytest.mark.slow
 

@@ -20,8 +20,8 @@ from contract.spec import TrainSpec, load_spec
 from contract.trial import TrialConfig
 from launch.grid import expand_grid
 from trainers.checkpoint import checkpoints_root, complete_checkpoints, steps_to_remove
-from trainers.loop import TRAINER_STATE
 from trainers.memory import MissingPackageError
+from trainers.resume import TRAINER_STATE
 
 
 def make_trial(folder: Path, methods: dict | None = None, **sections: dict) -> TrialConfig:

@@ -17,7 +17,7 @@ from contract.trial import TrialConfig
 from launch.grid import expand_grid
 from launch.local import run_local
 from trainers.checkpoint import checkpoints_root, latest_checkpoint
-from trainers.loop import TRAINER_STATE
+from trainers.resume import TRAINER_STATE
 
 pytestmark = pytest.mark.slow
 

@@ -36,7 +36,7 @@ from launch.grid import expand_grid
 from launch.local import run_local
 from launch.slurm import submit_slurm
 from trainers.checkpoint import checkpoints_root, latest_checkpoint
-from trainers.loop import TRAINER_STATE
+from trainers.resume import TRAINER_STATE
 
 GOLDEN = Path(__file__).parent / "golden"
 DEV_SLURM = REPO / "cluster" / "dev_slurm.sh"

@@ -15,6 +15,11 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from contract.layout import (
     EVAL_PROMPTS_FILE,
+    PARAM_BASE_MODEL,
+    PARAM_CLASS_TOKEN,
+    PARAM_METHOD,
+    PARAM_NUM_IMAGES,
+    PARAM_SUBJECT,
     ROLE_SWEEP,
     ROLE_TRIAL,
     TAG_ERROR,
@@ -137,21 +142,21 @@ class SweepTracking:
         )
         run_id = run.info.run_id
         params = {
-            "subject": trial.subject.name,
-            "class_token": trial.subject.class_token,
+            PARAM_SUBJECT: trial.subject.name,
+            PARAM_CLASS_TOKEN: trial.subject.class_token,
             "identifier": trial.subject.identifier,
-            "method": trial.method,
+            PARAM_METHOD: trial.method,
             **{
                 f"method.{k}": v
                 for k, v in trial.options.model_dump().items()
                 if k != "learning_rate"
             },
-            "num_images": trial.num_images,
+            PARAM_NUM_IMAGES: trial.num_images,
             "learning_rate": trial.learning_rate,
             "seed": trial.seed,
             "max_steps": trial.max_steps,
             "eval_every": trial.eval_every,
-            "base_model": trial.base_model,
+            PARAM_BASE_MODEL: trial.base_model,
             "output_dir": str(trial.output_dir),
             **{f"train.{k}": v for k, v in trial.train.model_dump().items()},
             **{f"eval.{k}": v for k, v in trial.eval.model_dump().items() if k != "prompts"},

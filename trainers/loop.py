@@ -45,30 +45,13 @@ from trainers.models import BaseModel, assemble_pipeline, load_base_model
 from trainers.prior import class_images, class_prompt
 from trainers.reporting import Reporter, Stopper, TrialPaused
 from trainers.resume import (
-    OPTIMIZER_SHARD,
-    OPTIMIZER_SHARDS,
-    TRAINER_STATE,
     TrialCheckpoints,
-    trained_parameters,
 )
 from trainers.setup_description import describe_setup
 from trainers.state import Training, TrialState
 
 # What callers and tests import from here (several names now live in the modules beside it).
-__all__ = [
-    "INSTANCE_PROMPT",
-    "OPTIMIZER_SHARD",
-    "OPTIMIZER_SHARDS",
-    "PRECISION",
-    "TRAINER_STATE",
-    "Reporter",
-    "Stopper",
-    "TrialPaused",
-    "describe_setup",
-    "on_device",
-    "train_trial",
-    "trained_parameters",
-]
+__all__ = ["INSTANCE_PROMPT", "PRECISION", "on_device", "train_trial"]
 
 PRECISION = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 INSTANCE_PROMPT = "a photo of {token} {class}"  # DreamBooth's instance prompt
