@@ -62,7 +62,9 @@ check_no_foreign_slurm() {
     for path in "$etc/slurm/slurm.conf" "$etc/slurm-llnl/slurm.conf"; do
         if [[ -e $path ]]; then
             die "refusing to start: $path exists, so this host is configured for a SLURM" \
-                "this script did not start. Run the dev cluster on a machine without one."
+                "this script did not start. Run the dev cluster on a machine without one (an" \
+                "earlier version of this script wrote ClusterName=local there: if that is what" \
+                "the file holds and no SLURM runs here, remove it)."
         fi
     done
     if [[ -n ${SLURM_CONF:-} && $SLURM_CONF != "$conf" ]] && ! is_dev_conf "$SLURM_CONF"; then
@@ -129,14 +131,28 @@ stop_pidfile() {
     rm -f "$pidfile"
 }
 
-# The process ids of this cluster's step daemons: slurmstepd processes its slurmd started,
-# recognised by this cluster's own SLURM_CONF (a folder no other cluster uses).
-own_step_daemons() {
-    local conf=$1 path pid
+# The process ids of this cluster's daemons of one kind (`comm`), recognised by this cluster's
+# own SLURM_CONF in their environment (a folder no other cluster uses): the step daemons its
+# slurmd started, and a slurmctld or slurmd whose pid file is gone (a start that failed before
+# writing it, or a test run killed before its `down`).
+own_daemons() {
+    local conf=$1 comm=$2 path pid
     for path in /proc/[0-9]*; do
         pid=${path#/proc/}
-        is_process "$pid" slurmstepd || continue
+        is_process "$pid" "$comm" || continue
         if [[ $(process_env "$pid" SLURM_CONF) == "$conf" ]]; then echo "$pid"; fi
+    done
+}
+
+# This cluster's munged, recognised by its private socket on its command line.
+own_munged() {
+    local socket=$1 path pid
+    for path in /proc/[0-9]*; do
+        pid=${path#/proc/}
+        is_process "$pid" munged || continue
+        if tr '\0' '\n' <"$path/cmdline" 2>/dev/null | grep -qxF -- "--socket=$socket"; then
+            echo "$pid"
+        fi
     done
 }
 
@@ -161,13 +177,19 @@ down() {
     fi
     for node in node1 node2; do stop_pidfile "$dir/run/slurmd-$node.pid" slurmd; done
     stop_pidfile "$dir/run/slurmctld.pid" slurmctld
-    # Step daemons outlive a stopped slurmd; end any of this cluster's that cancelling missed.
-    pids=$(own_step_daemons "$conf")
+    # Step daemons outlive a stopped slurmd; end any of this cluster's that cancelling missed,
+    # and any daemon of this cluster that its pid files did not name.
+    pids=$(for comm in slurmstepd slurmd slurmctld; do own_daemons "$conf" "$comm"; done)
     if [[ -n $pids ]]; then
         # shellcheck disable=SC2086  # one argument per pid
         kill -KILL $pids 2>/dev/null || true
     fi
     stop_pidfile "$dir/munge/munged.pid" munged
+    pids=$(own_munged "$dir/munge/munge.socket")
+    if [[ -n $pids ]]; then
+        # shellcheck disable=SC2086  # one argument per pid
+        kill -KILL $pids 2>/dev/null || true
+    fi
     rm -rf "$dir/state" "$dir/spool" "$dir/run" "$dir/munge"
 }
 
