@@ -182,6 +182,18 @@ def kill_when_ready(
     return thread
 
 
+@pytest.fixture
+def one_thread():
+    """The test's training on one CPU thread: with two, the machine's other load decides how
+    some reductions split, and results then differ in their sixth digit between any two runs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_trial(trial, reporter, *, stopper=None) -> None:
     """Train a trial in this process under the Accelerator its worker would make.
 

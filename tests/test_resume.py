@@ -40,17 +40,6 @@ def final_weights(trial: TrialConfig) -> dict[str, torch.Tensor]:
     return torch.load(folder / TRAINER_STATE, weights_only=True)["trainable"]
 
 
-@pytest.fixture
-def one_thread():
-    """Both trajectories on one CPU thread: with two, the machine's other load decides how some
-    reductions split, and the curves then differ in their sixth digit between any two runs,
-    resumed or not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize(
     ("method", "train"),
     [
