@@ -20,19 +20,11 @@ from PIL import Image
 from contract.layout import METRIC_EVAL_SECONDS, NO_NEGATIVE, no_negative_key
 from contract.spec import EvalSpec
 from evaluation.context import GeneratedImages, TrialContext
-from evaluation.jobs import ImageJob, image_jobs, image_variants, validation_prompts
+from evaluation.jobs import ImageJob, image_jobs, image_variants
 from evaluation.metric import EvalMetric
-from evaluation.metric_in_domain import in_domain_mode
 from evaluation.registry import chosen_metrics
 
-__all__ = [
-    "Evaluation",
-    "Evaluator",
-    "ImageJob",
-    "image_grid",
-    "in_domain_mode",
-    "validation_prompts",
-]
+__all__ = ["Evaluation", "Evaluator", "image_grid"]
 
 GRID_PROMPTS = 8
 """Prompts shown per variant in the logged sample grid (all images go into the records)."""

@@ -13,7 +13,8 @@ from PIL import Image
 from contract.cache import cache_root
 from contract.layout import NO_NEGATIVE
 from contract.spec import EvalSpec
-from evaluation.evaluator import Evaluator, in_domain_mode
+from evaluation.evaluator import Evaluator
+from evaluation.metric_in_domain import in_domain_mode
 from evaluation.sampling import make_sampler
 from trainers.models import assemble_pipeline, load_base_model
 

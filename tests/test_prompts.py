@@ -17,7 +17,7 @@ from contract.prompts import (
     template_path,
 )
 from contract.spec import SpecError, load_spec
-from evaluation.evaluator import validation_prompts
+from evaluation.jobs import validation_prompts
 
 TEMPLATE = PromptTemplate(
     template="{style} of {token} {class} {place}",
