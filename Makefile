@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(PY)
 # DeepSpeed JIT-compiles its CPU shared-memory allreduce op on first use (about 35 s, once per
 # venv): build it here, with the install, rather than inside the first DeepSpeed test.
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,faces]'
 	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
 	touch $@
 

@@ -30,8 +30,8 @@ from cluster.worker import (
     worker_command,
     write_trial_json,
 )
+from contract.scoring import weighted_scores
 from contract.trial import TrialConfig
-from selection.scoring import weighted_scores
 from trainers.checkpoint import (
     COMPLETE,
     begin_checkpoint,
@@ -42,6 +42,8 @@ from trainers.checkpoint import (
 
 SCORE = "score"
 """The reported metric the schedulers rank on: the weighted, min–max-scaled score."""
+BEST_SCORE = "best_score"
+"""The best `score` of the trial so far: what an Optuna search on Ray maximises."""
 STEP = "step"
 """The reported training step: the schedulers' time axis."""
 NOT_RUN = "not_run"
@@ -83,7 +85,13 @@ def ray_trial(
     config: dict[str, Any], *, trials: dict[str, str], parent_run_id: str, processes: int
 ) -> None:
     """Tune's function trainable: `config["trial_id"]` picks the trial from `trials` (JSON)."""
-    trial = TrialConfig.model_validate_json(trials[config["trial_id"]])
+    run_ray_trial(
+        TrialConfig.model_validate_json(trials[config["trial_id"]]), parent_run_id, processes
+    )
+
+
+def run_ray_trial(trial: TrialConfig, parent_run_id: str, processes: int) -> None:
+    """Run one trial inside a Tune trainable (the grid's, or a search's sampled one)."""
     try:
         with claim_trial(trial.output_dir) as claim:
             _run(trial, parent_run_id, processes, claim)
@@ -96,6 +104,7 @@ def _run(trial: TrialConfig, parent_run_id: str, processes: int, claim: int) -> 
     trial_json = write_trial_json(trial)
     log_path = trial.output_dir / WORKER_LOG
     pending: tuple[int, dict[str, float]] | None = None
+    best: float | None = None
 
     def report(worker: RunningWorker, checkpoint_folder: str | None = None) -> None:
         """Report the pending evaluation to Tune, the worker held still meanwhile.
@@ -103,12 +112,15 @@ def _run(trial: TrialConfig, parent_run_id: str, processes: int, claim: int) -> 
         `tune.report` returns once the scheduler has taken the result and lets the trial go on;
         holding the worker meanwhile keeps a stopped trial's curves ending at the step it was
         stopped on."""
-        nonlocal pending
+        nonlocal pending, best
         assert pending is not None
         step, metrics = pending
         pending = None
         score = step_score(trial, metrics)
-        result = {STEP: step, **metrics, **({SCORE: score} if score is not None else {})}
+        if score is not None:
+            best = score if best is None else max(best, score)
+        scores = {SCORE: score, BEST_SCORE: best} if score is not None else {}
+        result = {STEP: step, **metrics, **scores}
         checkpoint = (
             tune.Checkpoint.from_directory(checkpoint_folder) if checkpoint_folder else None
         )

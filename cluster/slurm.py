@@ -71,10 +71,18 @@ def _ignore_scheduler_signals() -> None:
 class TrialTask(submitit.helpers.Checkpointable):
     """One trial as a submitit job: runs its worker(s) on this node, requeues on a time limit."""
 
-    def __init__(self, trial_json: Path, parent_run_id: str, processes_per_node: int) -> None:
+    def __init__(
+        self,
+        trial_json: Path,
+        parent_run_id: str,
+        processes_per_node: int,
+        optuna_trial: Path | None = None,
+    ) -> None:
         self.trial_json = Path(trial_json)
         self.parent_run_id = parent_run_id
         self.processes_per_node = processes_per_node
+        self.optuna_trial = optuna_trial
+        """A sampled trial's Optuna trial file (launch/search.py)."""
         self._worker: subprocess.Popen | None = None
 
     def __call__(self) -> int:
@@ -90,7 +98,11 @@ class TrialTask(submitit.helpers.Checkpointable):
 
     def _run(self, rendezvous: Rendezvous, *, claim: int | None) -> int:
         command = worker_command(
-            self.trial_json, self.parent_run_id, self.processes_per_node, rendezvous=rendezvous
+            self.trial_json,
+            self.parent_run_id,
+            self.processes_per_node,
+            rendezvous=rendezvous,
+            optuna_trial=self.optuna_trial,
         )
         log = self.trial_json.parent / f"worker-node{rendezvous.node_rank}.log"
         with open(log, "a", encoding="utf-8") as output:
@@ -134,7 +146,9 @@ class TrialTask(submitit.helpers.Checkpointable):
                 time.sleep(0.2)
             else:
                 os.killpg(worker.pid, signal.SIGKILL)
-        fresh = TrialTask(self.trial_json, self.parent_run_id, self.processes_per_node)
+        fresh = TrialTask(
+            self.trial_json, self.parent_run_id, self.processes_per_node, self.optuna_trial
+        )
         return submitit.helpers.DelayedSubmission(fresh)
 
     def __getstate__(self) -> dict:

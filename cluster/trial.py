@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import os
 import signal
+import socket
 import sys
 import threading
 import traceback
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.trial", description=__doc__)
     parser.add_argument("trial_json", type=Path, help="trial.json written by the launcher")
     parser.add_argument("--parent-run-id", required=True, help="the sweep's MLflow parent run")
+    parser.add_argument(
+        "--optuna-trial", type=Path, help="a sampled trial's Optuna trial (optuna_trial.json)"
+    )
     args = parser.parse_args(argv)
     if os.environ.get(DIE_WITH_PARENT):
         die_with_parent()
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fail_fast_over_http()
     from cluster import events
-    from cluster.accelerator import make_accelerator
+    from cluster.accelerator import make_accelerator, precision_problem
     from cluster.reporters import ProgressReporter, Reporters
     from contract.layout import TAG_ERROR, TAG_PAUSED
     from contract.trial import TrialConfig
@@ -90,6 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     # processes Accelerate forms a gloo group only when asked to run on the CPU.
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     state = PartialState(cpu=distributed and not torch.cuda.is_available())
+    # Refused on the node itself (a SLURM or Ray node may have a GPU the launching machine
+    # lacks), before the trial's MLflow run opens: nothing is recorded or trained.
+    problem = precision_problem(
+        config.train.mixed_precision,
+        device_type=state.device.type,
+        where=f"this trial's node ({socket.gethostname()})",
+    )
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     tracking = run_id = stopper = None
     reporter = Reporters()  # other ranks report nothing
     if state.is_main_process:
@@ -105,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         # A resumed trial's stopper first reads what the run logged before the interruption.
         history = tracking.evaluations(run_id, config.eval.metrics)
         stopper = early_stopper(config.selection, config.eval.metrics, history)
+        if args.optuna_trial is not None:
+            from cluster.optuna_trial import sampled_trial_stopper
+
+            set_tags = mlflow_reporter.writer.set_tags
+            stopper = sampled_trial_stopper(args.optuna_trial, config, set_tags, stopper)
     try:
         accelerator = make_accelerator(config.train)
         train_trial(
@@ -113,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             accelerator=accelerator,
             stopper=stopper,
             should_pause=pause_requested.is_set,
+            can_stop=args.optuna_trial is not None,  # every rank joins the pruner's decision
         )
     except TrialPaused as paused:
         if tracking is not None and run_id is not None:

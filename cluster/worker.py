@@ -60,9 +60,12 @@ def write_trial_json(trial: TrialConfig) -> Path:
     return trial_json
 
 
-def worker_arguments(trial_json: Path, parent_run_id: str) -> list[str]:
-    """`cluster.trial`'s arguments."""
-    return [str(trial_json), "--parent-run-id", parent_run_id]
+def worker_arguments(
+    trial_json: Path, parent_run_id: str, optuna_trial: Path | None = None
+) -> list[str]:
+    """`cluster.trial`'s arguments (a sampled trial's also name its Optuna trial's file)."""
+    arguments = [str(trial_json), "--parent-run-id", parent_run_id]
+    return arguments + (["--optuna-trial", str(optuna_trial)] if optuna_trial else [])
 
 
 def worker_command(
@@ -71,6 +74,7 @@ def worker_command(
     processes: int = 1,
     *,
     rendezvous: Rendezvous | None = None,
+    optuna_trial: Path | None = None,
 ) -> list[str]:
     """The worker's command line: one process, or `processes` data-parallel ones (per node).
 
@@ -79,7 +83,7 @@ def worker_command(
     Without a `rendezvous` they all run on this machine (torchrun's standalone rendezvous); with
     one, this node runs its share of a trial spread over `rendezvous.nodes` nodes.
     """
-    entry = [*WORKER_ENTRY, *worker_arguments(trial_json, parent_run_id)]
+    entry = [*WORKER_ENTRY, *worker_arguments(trial_json, parent_run_id, optuna_trial)]
     if processes == 1 and (rendezvous is None or rendezvous.nodes == 1):
         return [sys.executable, *entry]
     torchrun = [sys.executable, "-m", "torch.distributed.run"]

@@ -24,10 +24,19 @@ TAG_RESUMED_AFTER_ERROR = "dreamsweep.resumed_after_error"
 TAG_RESUMED_FROM_STEP = "dreamsweep.resumed_from_step"
 TAG_SETUP_PREFIX = "dreamsweep.setup."
 """What is really on (dtypes, optimizer, kernels, threads): `dreamsweep.setup.<key>`."""
+SETUP_FACE_DETECTOR = "face_detector"
+TAG_FACE_DETECTOR = f"{TAG_SETUP_PREFIX}{SETUP_FACE_DETECTOR}"
+"""The face detector in_domain and identity ran: `dlib_hog`, `dlib_mmod` or `opencv_haar`
+(dlib when installed, the Haar cascade otherwise)."""
 TAG_PAUSED = "dreamsweep.paused_at_step"
 """Checkpointed and stopped by the scheduler's signal, to be requeued."""
 TAG_EARLY_STOP_STEP = "dreamsweep.early_stop.step"
 TAG_EARLY_STOP_REASON = "dreamsweep.early_stop.reason"
+TAG_PRUNED = "dreamsweep.pruned"
+"""An Optuna pruner stopped the trial at this step (it also carries the early-stop tags)."""
+TAG_OPTUNA_STUDY = "dreamsweep.optuna.study"
+TAG_OPTUNA_TRIAL = "dreamsweep.optuna.trial"
+"""A sampled trial's Optuna study and trial number (`search.kind: optuna`)."""
 
 # Tags and metrics `dreamsweep select` writes to a trial's run, and the registry's tags.
 TAG_SELECTION_WEIGHTS = "dreamsweep.selection_weights"
@@ -45,6 +54,8 @@ PARAM_SUBJECT = "subject"
 PARAM_CLASS_TOKEN = "class_token"
 PARAM_METHOD = "method"
 PARAM_NUM_IMAGES = "num_images"
+PARAM_OUTPUT_DIR = "output_dir"
+"""The trial's folder (checkpoints, worker log, claim, journal)."""
 PARAM_BASE_MODEL = "base_model"
 PARAM_TRIALS = "trials"
 
@@ -78,6 +89,22 @@ def samples_file(step: int) -> str:
 
 def no_negative_key(metric: str) -> str:
     return f"{metric}/{NO_NEGATIVE}"
+
+
+def search_best_score(study: str) -> str:
+    """The parent run's metric of a search group's best score so far (step: trials told)."""
+    return f"search.{study}.best_score"
+
+
+def search_best_tag(study: str, field: str) -> str:
+    """The parent run's tag of a search group's best trial: `trial_id`, `number`, or a
+    sampled field's spec path."""
+    return f"dreamsweep.search.{study}.best.{field}"
+
+
+def search_best_file(study: str) -> str:
+    """The parent run's artifact of a search group's best trial (params, score, trial id)."""
+    return f"search/{study}.json"
 
 
 def registered_model_name(sweep: str, subject: str, method: str) -> str:

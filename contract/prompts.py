@@ -21,11 +21,21 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SUBJECT_SLOTS = ("token", "class")
-SHIPPED_TEMPLATES = Path(__file__).resolve().parents[1] / "configs" / "prompts"
+# The shipped templates live in configs/prompts/ with the other configs; a wheel carries them
+# beside this module as contract/prompt_templates/ (pyproject.toml maps the folder). A file path,
+# as a spec's template travels to the workers: a setuptools wheel is installed as files, never
+# imported zipped, and `importlib.resources.files` would fail where `contract` resolves as a
+# namespace package (an editable install made before it had its __init__.py).
+_INSTALLED_TEMPLATES = Path(__file__).resolve().parent / "prompt_templates"  # in a wheel
+SHIPPED_TEMPLATES = (
+    _INSTALLED_TEMPLATES
+    if _INSTALLED_TEMPLATES.is_dir()
+    else Path(__file__).resolve().parents[1] / "configs" / "prompts"  # in a checkout
+)
 
 
 class PromptTemplate(BaseModel):
-    """A prompt template file (`configs/prompts/*.yaml`)."""
+    """A prompt template file (the shipped ones: `configs/prompts/*.yaml`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

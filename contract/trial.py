@@ -1,19 +1,21 @@
 """A trial: ONE training trajectory, evaluated on the step grid, and its id.
 
 A trial is (subject, method, num_images, learning_rate, seed). Its id is a stable hash of
-everything that determines what it trains and measures (not of paths, launcher or selection),
-so re-running a spec finds finished trials, and editing a subject's images makes new ones.
+everything that determines what it trains and measures (not of paths, launcher or selection, but
+of the launcher's world size: it sets the global batch), so re-running a spec finds finished
+trials, and editing a subject's images or the number of training processes makes new ones.
 The launcher writes it to `trial.json`; the worker reads it back.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from contract.spec import (
     METHOD_OPTIONS,
@@ -25,6 +27,13 @@ from contract.spec import (
     TrainSpec,
     subject_image_files,
 )
+
+METRIC_SETTINGS: dict[str, set[str]] = {
+    "fid_weights": {"fid", "kid"},
+    "kid_subsets": {"kid"},
+    "kid_subset_size": {"kid"},
+}
+"""`eval.` settings that only the named metrics read (and only then belong to a trial's id)."""
 
 
 class TrialConfig(BaseModel):
@@ -44,6 +53,11 @@ class TrialConfig(BaseModel):
     max_steps: int
     eval_every: int
     train: TrainSpec
+    world_size: int = Field(default=1, ge=1)
+    """Training processes of the trial (`launcher.processes_per_trial`; on SLURM `launcher.nodes`
+    × `launcher.processes_per_node`). Each optimizer step trains on `train.batch_size` ×
+    world_size × `train.gradient_accumulation_steps` images, so it is part of the trial's id.
+    Its default reads a `trial.json` written before it existed (a requeued job's)."""
     eval: EvalSpec
     selection: SelectionSpec
     """How stop steps are chosen; the trial reads it for early stopping only (not identity)."""
@@ -72,21 +86,38 @@ class TrialConfig(BaseModel):
         # settings that do not change the trajectory (other learning rates of the list, which
         # checkpoints are kept). Prior-preservation settings matter only to a method that uses them.
         unused = {"checkpoints"} if self.uses_prior else {"checkpoints", "prior"}
-        identity = self.model_dump(
-            mode="json",
-            exclude={
-                "image_files": True,
-                "output_dir": True,
-                "subject": {"images"},
-                "options": {"learning_rate"},
-                "train": unused,
-                "tracking_uri": True,
-                "experiment": True,
-                "selection": True,
-            },
-        )
-        # Evaluation inputs count by content, like the subject's images, not by location.
+        exclude: dict[str, Any] = {
+            "image_files": True,
+            "output_dir": True,
+            "subject": {"images"},
+            "options": {"learning_rate"},
+            "train": unused,
+            "tracking_uri": True,
+            "experiment": True,
+            "selection": True,
+        }
+        if self.world_size == 1:
+            # A one-process trial hashes as before the world size was part of its identity, so
+            # the single-process trials of sweeps already run are still found.
+            exclude["world_size"] = True
+        # A setting that only some metrics read counts only when one of them is measured, so a
+        # new metric's settings leave the ids of trials that do not measure it as they were.
+        loaded = self.eval.weights_sources
+        exclude["eval"] = {
+            setting
+            for setting, readers in METRIC_SETTINGS.items()
+            if not readers & set(self.eval.metrics)
+        }
+        if "eval.fid_weights" not in loaded:  # FID on CLIP or DINO features: no Inception
+            exclude["eval"].add("fid_weights")
+        identity = self.model_dump(mode="json", exclude=exclude)
+        # Evaluation inputs count by content, like the subject's images, not by location. (The
+        # aesthetic head counts by its name, as it always has: hashing its file now would give
+        # every sweep that names one a new id.)
         evaluation = identity["eval"]
+        inception = loaded.get("eval.fid_weights")
+        if inception is not None and Path(inception).is_absolute():  # a file, checked to exist
+            evaluation["fid_weights"] = _weights_digest(Path(inception))
         if self.eval.prompt_template is not None:
             template = self.eval.prompt_template.template
             evaluation["prompt_template"]["template"] = file_digest([template])
@@ -126,3 +157,15 @@ def file_digest(files: list[Path]) -> str:
     for path in files:
         sha.update(hashlib.sha256(path.read_bytes()).digest())
     return sha.hexdigest()
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest_once(path: Path, size: int, mtime_ns: int) -> str:
+    return file_digest([path])
+
+
+def _weights_digest(path: Path) -> str:
+    """A weights file's digest, read once per version of the file: an Inception file is ~100 MB
+    and a trial's id is asked for often."""
+    stat = path.stat()
+    return _file_digest_once(path.resolve(), stat.st_size, stat.st_mtime_ns)

@@ -3,24 +3,30 @@ MLP head (768 → 1024 → 128 → 64 → 16 → 1) trained on SAC + LOGOS + AVA
 
 The head's weights (`sac+logos+ava1-l14-linearMSE.pth`, from the
 christophschuhmann/improved-aesthetic-predictor repository, the default `eval.aesthetics_head`
-URL) come from a path or URL in the spec;
-`tiny` builds a random-init head sized for the tiny CLIP, saved and loaded the same way.
+URL) come from a file or a URL in the spec (downloaded once, under a lock: see
+`evaluation.downloads`); `tiny` builds a random-init head sized for the tiny CLIP, saved and
+loaded the same way. The file is the predictor's `state_dict()`: exactly the keys of
+`HEAD_KEYS` (its Dropout layers hold none).
 """
 
 from __future__ import annotations
 
-import urllib.parse
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from contract.cache import build_once, cache_key, cache_root
+from contract.cache import build_once
 from contract.spec import TINY
+from contract.spec.evaluation import LAION_AESTHETIC_HEAD, is_url
+from evaluation.downloads import cached_download
 
 TINY_HEAD_NAME = "tiny-aesthetic-head-v1"
 TINY_HEAD_FILE = "head.pth"
 TINY_HEAD_DIM = 64  # the tiny CLIP's projection width
+LINEAR_LAYERS = (0, 2, 4, 6, 7)
+"""Indices of the Linear layers in the predictor's `nn.Sequential` (1, 3, 5 are Dropout)."""
+HEAD_KEYS = frozenset(f"layers.{i}.{p}" for i in LINEAR_LAYERS for p in ("weight", "bias"))
 
 
 class AestheticHead(nn.Module):
@@ -53,22 +59,35 @@ def head_file(source: str) -> Path:
     """The weights file: `tiny` (built), a local path, or a URL (downloaded once to the cache)."""
     if source == TINY:
         return build_once(TINY_HEAD_NAME, _build_tiny_head) / TINY_HEAD_FILE
-    if urllib.parse.urlparse(source).scheme in ("http", "https"):
-        target = cache_root() / "aesthetic_heads" / cache_key(source) / Path(source).name
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staging = target.with_suffix(".part")
-            torch.hub.download_url_to_file(source, str(staging), progress=False)
-            staging.replace(target)
-        return target
+    if is_url(source):
+        return cached_download(source)
     path = Path(source).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"eval.aesthetics_head: no file at {str(path)!r}")
+        raise FileNotFoundError(
+            f"eval.aesthetics_head: no file at {str(path)!r}; the released head is "
+            f"{LAION_AESTHETIC_HEAD}"
+        )
     return path
 
 
 def load_aesthetic_head(source: str, *, device: torch.device | str = "cpu") -> AestheticHead:
-    state = torch.load(head_file(source), map_location="cpu", weights_only=True)
+    """The head of `eval.aesthetics_head` in eval mode; a file of another layout is refused."""
+    path = head_file(source)
+    # map_location: a head saved on a GPU holds CUDA tensors.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    keys = set(state) if isinstance(state, dict) else set()
+    if keys != HEAD_KEYS:
+        raise ValueError(
+            f"eval.aesthetics_head: {str(path)!r} is not the LAION aesthetic predictor's state "
+            f"dict: it lacks {sorted(HEAD_KEYS - keys)} and has unknown keys "
+            f"{sorted(keys - HEAD_KEYS)[:5]}; expected the layout of {LAION_AESTHETIC_HEAD}"
+        )
     head = AestheticHead(state["layers.0.weight"].shape[1])
-    head.load_state_dict(state)
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as err:  # a layer of another width
+        raise ValueError(
+            f"eval.aesthetics_head: {str(path)!r} has the predictor's keys but not its layer "
+            f"sizes (768 or any input → 1024 → 128 → 64 → 16 → 1): {str(err).splitlines()[-1]}"
+        ) from None
     return head.to(device).eval()

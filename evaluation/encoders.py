@@ -2,7 +2,7 @@
 
 Every encoder maps PIL images to a float32 `[N, D]` tensor on the CPU (`embed_images`) and names
 where its weights came from (`source`). CLIP and DINO load a hub id or local folder unchanged,
-or build their offline `tiny` variant; Inception-v3 (FID) comes from torchmetrics/torch-fidelity.
+or build their offline `tiny` variant; Inception-v3 (FID, KID) is `evaluation.inception`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -27,39 +26,6 @@ class ImageEncoder(Protocol):
     def embed_images(
         self, images: list[Image.Image], *, normalize: bool = True, batch_size: int = 32
     ) -> torch.Tensor: ...
-
-
-class InceptionFeatures:
-    """Inception-v3 pool3 features (2048-d), the network and resizing of the usual FID."""
-
-    source = "torchmetrics:inception-v3-compat"
-
-    def __init__(self, *, device: torch.device | str = "cpu") -> None:
-        from torchmetrics.image.fid import NoTrainInceptionV3  # needs torch-fidelity
-
-        self.device = torch.device(device)
-        self.model = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"])
-        self.model.to(self.device)
-
-    @torch.no_grad()
-    def embed_images(
-        self, images: list[Image.Image], *, normalize: bool = False, batch_size: int = 32
-    ) -> torch.Tensor:
-        if normalize:
-            raise ValueError("Inception features are only used un-normalised (FID)")
-        chunks = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            # Resized with PIL's bicubic first, as clean-fid does: folders mix image sizes.
-            batch = np.stack([np.asarray(_inception_input(image)) for image in chunk])
-            pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).to(self.device)  # uint8 NCHW
-            chunks.append(self.model(pixels).reshape(len(batch), -1).double().cpu())
-        return torch.cat(chunks)
-
-
-def _inception_input(image: Image.Image) -> Image.Image:
-    side = 299  # Inception-v3's input
-    return image.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
 
 
 def file_digest(path: Path) -> str:

@@ -84,6 +84,11 @@ class Evaluator:
         self.metrics: dict[str, EvalMetric] = {m.name: m(self.context) for m in chosen}
 
     @property
+    def setup(self) -> dict[str, str]:
+        """What the metrics really ran (e.g. the face detector), for the trial's setup tags."""
+        return {k: v for metric in self.metrics.values() for k, v in metric.setup().items()}
+
+    @property
     def reference(self) -> torch.Tensor:
         """The subject's reference embeddings on `eval.encoder` (what similarity compares to)."""
         return self.context.subject_reference
@@ -115,19 +120,23 @@ class Evaluator:
         return images
 
     def measure(self, images: list[Image.Image]) -> tuple[dict[str, float], dict[str, list]]:
-        """The curves' values and each image's own values (metric → one value per job)."""
+        """The curves' values and each image's own values (records column → one value per job:
+        each per-image metric's, and the columns the metrics add)."""
         generated = GeneratedImages(self.context, images)
         per_image: dict[str, torch.Tensor] = {}
+        columns: dict[str, list] = {}
         for name, metric in self.metrics.items():  # registry order: the records' columns
             values = metric.per_image(generated)
             if values is not None:
                 per_image[name] = values
+                columns[name] = values.tolist()
+            columns |= metric.record_columns(generated)
         curves: dict[str, float] = {}
         for variant, rows in self.context.variant_rows():
             for name in self.spec.metrics:  # the spec's order: the logged curves' order
                 key = no_negative_key(name) if variant == NO_NEGATIVE else name
                 curves[key] = self.metrics[name].curve(generated, rows, per_image.get(name))
-        return curves, {name: values.tolist() for name, values in per_image.items()}
+        return curves, columns
 
     def records(self, per_image: dict[str, list]) -> list[dict[str, object]]:
         rows = []

@@ -42,3 +42,13 @@ class EvalMetric:
         if per_image is None:
             raise NotImplementedError(f"{self.name}: a set-level metric overrides curve()")
         return per_image[rows].mean().item()
+
+    def record_columns(self, generated: GeneratedImages) -> dict[str, list[object]]:
+        """More per-image columns for the records (`<name>.<what>` → one value per job), asked
+        after `per_image` on the same images: what explains a value, such as a face count."""
+        return {}
+
+    def setup(self) -> dict[str, str]:
+        """What this metric really ran (e.g. which face detector), logged with the trial's setup
+        tags (`dreamsweep.setup.<key>`)."""
+        return {}

@@ -1,16 +1,62 @@
 """`fid`: the Fréchet distance between each variant's images and `eval.fid_reference`, on
 `eval.fid_features`. A set-level metric: lower is better, and images have no value of their own.
+
+`SetFeatures` is what `fid` and `kid` share: the feature extractor (Inception-v3 from
+`eval.fid_weights`, loaded once per trial for both), the reference images' features (cached on
+disk) and each evaluation's features (encoded once for both).
 """
 
 from __future__ import annotations
+
+from weakref import WeakKeyDictionary
 
 import torch
 
 from contract.spec import subject_image_files
 from evaluation.context import GeneratedImages, TrialContext
-from evaluation.encoders import ImageEncoder, InceptionFeatures, reference_embeddings
+from evaluation.encoders import ImageEncoder, reference_embeddings
+from evaluation.inception import InceptionFeatures
 from evaluation.metric import EvalMetric
 from evaluation.metrics import frechet_distance
+
+
+class SetFeatures:
+    """A trial's features for the set-level metrics; `set_features(trial)` gives the shared one."""
+
+    def __init__(self, trial: TrialContext) -> None:
+        spec = trial.spec
+        if spec.fid_features == "inception":
+            self.encoder: ImageEncoder = InceptionFeatures(spec.fid_weights, device=trial.device)
+        else:
+            self.encoder = trial.clip if spec.fid_features == "clip" else trial.dino
+        assert spec.fid_reference is not None, "the spec requires it for fid and kid"
+        self.reference = reference_embeddings(
+            self.encoder, subject_image_files(spec.fid_reference), normalize=False
+        )
+        self._generated: WeakKeyDictionary[GeneratedImages, torch.Tensor] = WeakKeyDictionary()
+
+    @staticmethod
+    def needs(trial: TrialContext) -> set[str]:
+        features = trial.spec.fid_features
+        return {features} if features in ("clip", "dino") else set()
+
+    def of(self, generated: GeneratedImages, rows: list[int]) -> torch.Tensor:
+        """The un-normalised features of `generated.images[rows]`."""
+        if generated not in self._generated:
+            self._generated[generated] = self.encoder.embed_images(
+                generated.images, normalize=False
+            )
+        return self._generated[generated][rows]
+
+
+_SHARED: WeakKeyDictionary[TrialContext, SetFeatures] = WeakKeyDictionary()
+
+
+def set_features(trial: TrialContext) -> SetFeatures:
+    """The trial's `SetFeatures`, built by the first metric that asks."""
+    if trial not in _SHARED:
+        _SHARED[trial] = SetFeatures(trial)
+    return _SHARED[trial]
 
 
 class Fid(EvalMetric):
@@ -18,28 +64,13 @@ class Fid(EvalMetric):
 
     @classmethod
     def needs(cls, trial: TrialContext) -> set[str]:
-        features = trial.spec.fid_features
-        return {features} if features in ("clip", "dino") else set()
+        return SetFeatures.needs(trial)
 
     def __init__(self, trial: TrialContext) -> None:
         super().__init__(trial)
-        spec = trial.spec
-        # Inception is FID's alone, so it is loaded here rather than shared.
-        self.encoder: ImageEncoder = (
-            InceptionFeatures(device=trial.device)
-            if spec.fid_features == "inception"
-            else trial.clip
-            if spec.fid_features == "clip"
-            else trial.dino
-        )
-        self.reference = reference_embeddings(
-            self.encoder, subject_image_files(spec.fid_reference), normalize=False
-        )
+        self.features = set_features(trial)
 
     def curve(
         self, generated: GeneratedImages, rows: list[int], per_image: torch.Tensor | None
     ) -> float:
-        # Un-normalised features of this variant's images only, encoded afresh per variant.
-        images = [generated.images[i] for i in rows]
-        features = self.encoder.embed_images(images, normalize=False)
-        return frechet_distance(features, self.reference)
+        return frechet_distance(self.features.of(generated, rows), self.features.reference)

@@ -1,13 +1,15 @@
 """`in_domain`: whether each image stays in the subject's domain, by face detection for people
-and CLIP zero-shot against distractor classes otherwise (`eval.in_domain`)."""
+(dlib's HOG detector when installed, else OpenCV's Haar cascade) and CLIP zero-shot against
+distractor classes otherwise (`eval.in_domain`)."""
 
 from __future__ import annotations
 
 import torch
 
+from contract.layout import SETUP_FACE_DETECTOR
 from contract.spec import FACE_CLASSES, EvalSpec
 from evaluation.context import GeneratedImages, TrialContext
-from evaluation.in_domain import HaarFaceDetector, zero_shot_in_domain
+from evaluation.in_domain import face_detector, zero_shot_in_domain
 from evaluation.metric import EvalMetric
 
 
@@ -30,7 +32,7 @@ class InDomain(EvalMetric):
         class_token = trial.class_token
         self.mode = in_domain_mode(trial.spec, class_token)
         if self.mode == "face":
-            self.face_detector = HaarFaceDetector()
+            self.face_detector = face_detector()
         else:
             # The subject's own class is never its own distractor.
             distractors = [
@@ -41,10 +43,13 @@ class InDomain(EvalMetric):
                 [f"a photo of a {c}" for c in distractors]
             )
 
+    def setup(self) -> dict[str, str]:
+        return {SETUP_FACE_DETECTOR: self.face_detector.name} if self.mode == "face" else {}
+
     def per_image(self, generated: GeneratedImages) -> torch.Tensor:
         if self.mode == "face":
-            found = [self.face_detector.has_face(image) for image in generated.images]
-            return torch.tensor(found, dtype=torch.float64)
+            counts = self.face_detector.face_counts(generated.images)
+            return torch.tensor([count > 0 for count in counts], dtype=torch.float64)
         return zero_shot_in_domain(
             generated.clip_embeddings, self.class_text, self.distractor_texts
         ).double()

@@ -16,7 +16,9 @@ from evaluation.metric_aesthetics import Aesthetics
 from evaluation.metric_clip_t import ClipT
 from evaluation.metric_diversity import Diversity
 from evaluation.metric_fid import Fid
+from evaluation.metric_identity import Identity
 from evaluation.metric_in_domain import InDomain
+from evaluation.metric_kid import Kid
 from evaluation.metric_similarity import Similarity
 
 METRICS: dict[str, type[EvalMetric]] = {
@@ -24,8 +26,10 @@ METRICS: dict[str, type[EvalMetric]] = {
     "aesthetics": Aesthetics,
     "clip_t": ClipT,
     "in_domain": InDomain,
+    "identity": Identity,
     "diversity": Diversity,
     "fid": Fid,
+    "kid": Kid,
 }
 
 # The spec validates names against `contract.spec.Metric`: both lists must say the same.

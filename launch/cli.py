@@ -9,10 +9,25 @@ from pathlib import Path
 
 import yaml
 from rich.console import Console
-from rich.table import Table
 
 from contract.spec import SELECTABLE_METRICS, SpecError, SweepSpec, load_spec
-from launch.preflight import missing_packages, network_warnings, tracking_warnings
+from launch.output import (
+    FORMATS,
+    emit,
+    selection_columns,
+    selection_rows,
+    status_columns,
+    status_rows,
+)
+from launch.preflight import (
+    evaluation_warnings,
+    face_problems,
+    missing_device,
+    missing_downloads,
+    missing_packages,
+    network_warnings,
+    tracking_warnings,
+)
 from launch.slurm import SlurmError
 
 
@@ -22,16 +37,32 @@ def _validate(spec: SweepSpec, console: Console, args: argparse.Namespace) -> in
     resolved = spec.model_dump(mode="json")
     console.print(yaml.safe_dump(resolved, sort_keys=False), markup=False, highlight=False)
     trials = expand_grid(spec)
+    steps = [str(s) for s in range(0, spec.grid.max_steps + 1, spec.grid.eval_every)]
+    if len(steps) == 1:
+        evaluated = f"step {steps[0]}"
+    elif len(steps) <= 4:  # short enough to list every step
+        evaluated = f"steps {', '.join(steps[:-1])} and {steps[-1]}"
+    else:
+        evaluated = f"steps {steps[0]}, {steps[1]}, …, {steps[-1]} ({len(steps)} evaluations)"
     console.print(
-        f"{len(trials)} trials; each trains {spec.grid.max_steps} steps, evaluated at steps "
-        f"0, {spec.grid.eval_every}, …, {spec.grid.max_steps}. MLflow: {spec.tracking_uri}"
+        f"{len(trials)} trial{'s' if len(trials) != 1 else ''}; each trains "
+        f"{spec.grid.max_steps} steps, evaluated at {evaluated}. MLflow: {spec.tracking_uri}"
     )
+    if spec.search.kind == "optuna":  # each trial of the grid above is a group's study
+        console.print(
+            f"Search: {len(trials)} group(s) × {spec.search.n_trials} trials sampled by "
+            f"{spec.search.sampler} over {', '.join(spec.search.space)}, one Optuna study each."
+        )
     return 0
 
 
 def _run(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
     from launch.local import run_local
 
+    if spec.search.kind == "optuna":
+        from launch.search import run_search
+
+        return 1 if run_search(spec, console=console).failed else 0
     if spec.launcher.kind == "slurm":
         from launch.slurm import submit_slurm
 
@@ -84,30 +115,24 @@ def _select(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
         Console(stderr=True, soft_wrap=True).print(f"error: {err}", markup=False)
         return 1
     weights = outcome.weights
-    table = Table(title=f"Stop steps of sweep {spec.name} (weights {weights})")
-    table.add_column("trial", no_wrap=True)
-    table.add_column("best step", justify="right")
-    table.add_column("score", justify="right")
-    table.add_column("collapse", justify="right")
-    for metric in weights:
-        table.add_column(metric, justify="right")
-    for s in outcome.trials:
-        table.add_row(
-            s.label,
-            str(s.best_step),
-            f"{s.best_score:.3f}",
-            "-" if s.collapse is None else f"{s.collapse[1]} @ {s.collapse[0]}",
-            *(f"{s.metrics[m]:.4f}" for m in weights),
-        )
-    console.print(table)
+    emit(
+        selection_rows(outcome),
+        selection_columns(list(weights)),
+        output_format=args.format,
+        console=console,
+        title=f"Stop steps of sweep {spec.name} (weights {weights})",
+    )
+    if args.format != "table":  # stdout carries the data alone: the notes go to stderr
+        console = Console(stderr=True, soft_wrap=True)
     console.print("Checkpoints at the best steps:")
     for s in outcome.trials:
-        console.print(f"  {s.label}: {s.checkpoint or 'the base model (step 0)'}", markup=False)
+        console.print(f"  {s.label}: {s.checkpoint_note()}", markup=False)
     if outcome.registered:
         console.print("Registered best checkpoints (selection.registry.download_best loads them):")
         for r in outcome.registered:
             console.print(
-                f"  {r.uri} → version {r.version}: {r.candidate.label}, step {r.candidate.step}",
+                f"  {r.uri} → version {r.version}: {r.candidate.label}, step {r.candidate.step} "
+                f"(score {r.candidate.score:.4f})",
                 markup=False,
             )
     console.print(f"Curves: mlflow ui --backend-store-uri {spec.tracking_uri} --host 127.0.0.1")
@@ -123,7 +148,7 @@ def _report(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
     except ReportError as err:
         Console(stderr=True, soft_wrap=True).print(f"error: {err}", markup=False)
         return 1
-    console.print(f"Report: {page} (with curves/*.png, trials.csv, best_steps.csv)", markup=False)
+    console.print(f"Report: {page} (with curves/*.png and the tables as CSV)", markup=False)
     return 0
 
 
@@ -159,16 +184,29 @@ def _sync(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
 
 
 def _status(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
-    from launch.slurm import sweep_status
+    from launch.status import sweep_status
 
-    table = Table(title=f"Sweep {spec.name}")
-    for column in ("trial", "job", "state", "last step", "metrics", "logs"):
-        table.add_column(column, overflow="fold")
-    for status in sweep_status(spec):
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(status.metrics.items()))
-        last = "-" if status.last_step is None else str(status.last_step)
-        table.add_row(status.label, status.job_id or "-", status.state, last, metrics, status.logs)
-    console.print(table)
+    status = sweep_status(spec)
+    warnings = Console(stderr=True, soft_wrap=True)
+    if status.slurm_error is not None:
+        warnings.print(
+            f"warning: SLURM: {status.slurm_error}; job states unknown, states from MLflow, "
+            "claims and journals",
+            markup=False,
+        )
+    if status.mlflow_error is not None:
+        warnings.print(
+            f"warning: MLflow: {status.mlflow_error}; states from the trials' claims and "
+            "journals only",
+            markup=False,
+        )
+    emit(
+        status_rows(status),
+        status_columns(status),
+        output_format=args.format,
+        console=console,
+        title=f"Sweep {spec.name} ({spec.launcher.kind} launcher)",
+    )
     return 0
 
 
@@ -184,7 +222,7 @@ COMMANDS = {
     "validate": (_validate, "check a spec and print it resolved, with its number of trials"),
     "run": (_run, "run every unfinished trial of a spec"),
     "select": (_select, "choose each trial's stop step from its curves in MLflow"),
-    "status": (_status, "each trial's SLURM state, last step and metrics (slurm launcher)"),
+    "status": (_status, "each trial's state, last step, metrics and worker (any launcher)"),
     "cancel": (_cancel, "cancel the sweep's queued and running SLURM jobs"),
     "sync": (_sync, "replay the MLflow writes trials journaled while the server was down"),
     "report": (_report, "write the study report: one self-contained HTML page, PNGs and CSVs"),
@@ -232,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
                 "--weights",
                 help="override selection.weights, e.g. similarity=1,aesthetics=1,diversity=0.5",
             )
+        if name in ("select", "status"):
+            command.add_argument(
+                "--format",
+                choices=FORMATS,
+                default="table",
+                help="table (default; full width when piped), or csv / json for scripts",
+            )
     prompts = commands.add_parser("prompts", help="expand a prompt template to JSON lines")
     prompts.add_argument("template", help="a shipped template (portrait, object) or a YAML path")
     prompts.add_argument("--n", type=int, required=True, help="number of distinct prompts")
@@ -249,10 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec)
         problems = missing_packages(spec)
+        if args.command in ("validate", "run"):
+            # select, status, report read a sweep back anywhere
+            problems += missing_device(spec) + face_problems(spec) + missing_downloads(spec)
         if problems:
             raise SpecError(str(args.spec), problems)
         if args.command in ("validate", "run"):
-            for warning in tracking_warnings(spec) + network_warnings(spec):
+            warnings = tracking_warnings(spec) + network_warnings(spec)
+            for warning in warnings + evaluation_warnings(spec):
                 Console(stderr=True, soft_wrap=True).print(f"warning: {warning}", markup=False)
         handler, _ = COMMANDS[args.command]
         return handler(spec, console, args)

@@ -6,13 +6,28 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from contract.spec import SweepSpec, subject_image_files
+from contract.spec import (
+    LocalLauncherSpec,
+    RayLauncherSpec,
+    SlurmLauncherSpec,
+    SweepSpec,
+    subject_image_files,
+)
 from contract.trial import TrialConfig, file_digest
+
+
+def world_size(launcher: LocalLauncherSpec | SlurmLauncherSpec | RayLauncherSpec) -> int:
+    """The training processes of each trial under this launcher: one task per node on SLURM,
+    each starting `processes_per_node`; one node under the local and Ray launchers."""
+    if isinstance(launcher, SlurmLauncherSpec):
+        return launcher.nodes * launcher.processes_per_node
+    return launcher.processes_per_trial
 
 
 def expand_grid(spec: SweepSpec) -> list[TrialConfig]:
     """All trials of the spec, in a stable order (subject, method, num_images, lr, seed)."""
     trials = []
+    processes = world_size(spec.launcher)
     for subject in spec.subjects:
         files = subject_image_files(subject.images)
         for method, options in spec.methods.enabled:
@@ -32,6 +47,7 @@ def expand_grid(spec: SweepSpec) -> list[TrialConfig]:
                     max_steps=spec.grid.max_steps,
                     eval_every=spec.grid.eval_every,
                     train=spec.train,
+                    world_size=processes,
                     eval=spec.eval,
                     selection=spec.selection,
                     image_files=chosen,

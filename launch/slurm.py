@@ -26,6 +26,32 @@ def jobs_file(spec: SweepSpec) -> Path:
     return spec.resolved_output_dir / "slurm" / "jobs.json"
 
 
+def write_jobs(spec: SweepSpec, jobs: dict[str, dict[str, str]]) -> None:
+    """`slurm/jobs.json`, replaced atomically: trial id → its job, label and folders."""
+    path = jobs_file(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".part")
+    staging.write_text(json.dumps(jobs, indent=2), encoding="utf-8")
+    staging.replace(path)
+
+
+def slurm_executor(spec: SweepSpec) -> Any:
+    """A submitit executor with the spec's SLURM fields; its pickles in `slurm/` (0700)."""
+    import submitit
+
+    launcher = spec.launcher
+    assert isinstance(launcher, SlurmLauncherSpec)
+    folder = spec.resolved_output_dir / "slurm"
+    # submitit's pickles (the jobs the nodes unpickle and run) live here: this user's only.
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    executor = submitit.AutoExecutor(
+        folder=folder / "%j", cluster="slurm", slurm_max_num_timeout=launcher.max_requeues
+    )
+    executor.update_parameters(**submitit_parameters(launcher, name=f"dreamsweep-{spec.name}"))
+    return executor
+
+
 def submitit_parameters(launcher: SlurmLauncherSpec, *, name: str) -> dict[str, Any]:
     """The spec's SLURM fields as submitit AutoExecutor parameters (one task per node)."""
     parameters: dict[str, Any] = {
@@ -95,7 +121,6 @@ def read_jobs(spec: SweepSpec) -> dict[str, dict[str, str]]:
 
 def submit_slurm(spec: SweepSpec, *, console: Console | None = None) -> Submission:
     """Submit every trial that is neither finished nor still in SLURM's queue."""
-    import submitit
 
     from cluster.slurm import TrialTask
 
@@ -115,14 +140,7 @@ def submit_slurm(spec: SweepSpec, *, console: Console | None = None) -> Submissi
     )
     submitted: dict[str, str] = {}
     if to_submit:
-        folder = spec.resolved_output_dir / "slurm"
-        # submitit's pickles (the jobs the nodes unpickle and run) live here: this user's only.
-        folder.mkdir(parents=True, exist_ok=True)
-        folder.chmod(0o700)
-        executor = submitit.AutoExecutor(
-            folder=folder / "%j", cluster="slurm", slurm_max_num_timeout=launcher.max_requeues
-        )
-        executor.update_parameters(**submitit_parameters(launcher, name=f"dreamsweep-{spec.name}"))
+        executor = slurm_executor(spec)
         tasks = [
             TrialTask(write_trial_json(t), parent_run_id, launcher.processes_per_node)
             for t in to_submit
@@ -137,11 +155,7 @@ def submit_slurm(spec: SweepSpec, *, console: Console | None = None) -> Submissi
                 "output_dir": str(trial.output_dir),
                 "submitit_folder": str(job.paths.folder),
             }
-        path = jobs_file(spec)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_suffix(".part")
-        staging.write_text(json.dumps(jobs, indent=2), encoding="utf-8")
-        staging.replace(path)
+        write_jobs(spec, jobs)
         tracking.client.update_run(parent_run_id, status="RUNNING")
         for trial in to_submit:
             console.print(f"  {trial.label}: job {submitted[trial.trial_id]}", markup=False)
@@ -151,17 +165,6 @@ def submit_slurm(spec: SweepSpec, *, console: Console | None = None) -> Submissi
         markup=False,
     )
     return Submission(trials, skipped, active, submitted)
-
-
-@dataclass
-class TrialStatus:
-    label: str
-    job_id: str | None
-    state: str
-    """SLURM's state while queued or running, else the MLflow run's status (FINISHED, …)."""
-    last_step: int | None
-    metrics: dict[str, float]
-    logs: str
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, str]:
@@ -174,47 +177,6 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     listed = _slurm_command(["squeue", "--noheader", "--array", "--format=%i %T"])
     states = dict(line.split(maxsplit=1) for line in listed.splitlines() if line.strip())
     return {job: state for job, state in states.items() if job in job_ids}
-
-
-def sweep_status(spec: SweepSpec) -> list[TrialStatus]:
-    """Each trial's SLURM state (or MLflow outcome), last logged step and latest metrics."""
-    from launch.grid import expand_grid
-    from tracking.sweep import SweepTracking
-
-    jobs = read_jobs(spec)
-    states = slurm_states([j["job_id"] for j in jobs.values()])
-    tracking = SweepTracking(spec.tracking_uri, spec.experiment_name)
-    parent = tracking.find_parent_run(spec.name)
-    runs = tracking.trial_runs(parent.info.run_id) if parent is not None else {}
-    statuses = []
-    for trial in expand_grid(spec):
-        job = jobs.get(trial.trial_id, {})
-        run = runs.get(trial.trial_id)
-        state = states.get(job.get("job_id", ""), None)
-        if state is None and job and (run is None or run.info.status == "RUNNING"):
-            # SLURM no longer holds the job and its run was never closed (or never opened):
-            # cancelled, or killed before it could say so.
-            state = "ENDED UNFINISHED"
-        elif state is None:
-            state = run.info.status if run is not None else "NOT SUBMITTED"
-        metrics = dict(run.data.metrics) if run is not None else {}
-        last_step = None
-        if run is not None and "loss" in metrics:
-            last_step = max(
-                m.step for m in tracking.client.get_metric_history(run.info.run_id, "loss")
-            )
-        shown = {k: v for k, v in metrics.items() if k in spec.eval.metrics}
-        statuses.append(
-            TrialStatus(
-                trial.label,
-                job.get("job_id"),
-                state,
-                last_step,
-                shown,
-                job.get("submitit_folder", str(trial.output_dir)),
-            )
-        )
-    return statuses
 
 
 def cancel_sweep(spec: SweepSpec) -> list[str]:

@@ -38,9 +38,10 @@ class PreparedSweep:
     """The other trials, still to run."""
 
 
-def prepare_sweep(spec: SweepSpec) -> PreparedSweep:
+def prepare_sweep(spec: SweepSpec, *, planned_trials: int | None = None) -> PreparedSweep:
     """Every launcher's start: the trials, the sweep's parent run, and which trials are done
-    (FINISHED in MLflow) or still to run."""
+    (FINISHED in MLflow) or still to run. `planned_trials`: the parent run's trial count when
+    the grid's trials are not the sweep's (a search's: groups × n_trials)."""
     trials = expand_grid(spec)
     output_dir = spec.resolved_output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +51,11 @@ def prepare_sweep(spec: SweepSpec) -> PreparedSweep:
             spec.tracking_uri, spec.experiment_name, artifact_root=output_dir / "mlartifacts"
         )
         parent_run_id = tracking.parent_run(
-            spec.name, params={PARAM_TRIALS: str(len(trials)), PARAM_BASE_MODEL: spec.base_model}
+            spec.name,
+            params={
+                PARAM_TRIALS: str(planned_trials or len(trials)),
+                PARAM_BASE_MODEL: spec.base_model,
+            },
         )
     finished = tracking.finished_trials(parent_run_id)
     return PreparedSweep(

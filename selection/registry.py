@@ -1,8 +1,10 @@
 """The best checkpoint of each subject × method, registered in the MLflow model registry.
 
-One registered model per subject and method (`<sweep>.<subject>.<method>`); each trial's best
-step becomes a version (tagged with the trial, step, score and weights), and the alias `best`
-points at the highest-scoring one, so `models:/<name>@best` downloads its checkpoint folder.
+One registered model per subject and method (`<sweep>.<subject>.<method>`); each trial offers its
+best step that has a checkpoint on disk (`select` passes over the base model and removed
+checkpoints), scored as that step. The highest-scoring offer becomes a version (tagged with the
+trial, step, score and weights), and the alias `best` points at it, so `models:/<name>@best`
+downloads its checkpoint folder.
 Re-running selection with other weights adds versions where the choice changed and moves the
 alias; a (trial, step) already registered is reused, not registered twice.
 """
@@ -30,7 +32,7 @@ from contract.layout import (
 
 @dataclass(frozen=True)
 class Candidate:
-    """A trial's chosen checkpoint, as offered to the registry."""
+    """A trial's checkpoint as offered to the registry: its step and that step's score."""
 
     run_id: str
     trial_id: str

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
+from contract.scoring import best_step, first_collapse, weighted_scores
 from contract.spec import SelectionSpec
-from selection.scoring import best_step, first_collapse, weighted_scores
 
 Evaluations = Mapping[int, Mapping[str, float]]
 """step → metric → value, for every evaluated step so far."""

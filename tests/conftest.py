@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,30 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ.pop("DREAMSWEEP_CACHE", None)
     else:
         os.environ["DREAMSWEEP_CACHE"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_names() -> Iterator[None]:
+    """Tests run offline: in this process, a host name other than this machine's does not
+    resolve (IP literals, as the loopback servers use, still do). A default weights URL that a
+    test reaches by accident then fails the same way on every machine, instead of downloading
+    where there is network (the probe of a spec's weights URLs would otherwise decide a fuzzed
+    spec's fate). Subprocesses are not covered: their specs name local or `tiny` weights."""
+    local = {"localhost", socket.gethostname(), socket.getfqdn()}
+    resolve = socket.getaddrinfo
+
+    def local_only(host: object, *args: object, **kwargs: object) -> object:
+        name = host.decode() if isinstance(host, bytes) else host
+        if isinstance(name, str) and name not in local:
+            try:
+                ipaddress.ip_address(name)
+            except ValueError:
+                raise socket.gaierror(socket.EAI_NONAME, f"tests run offline: {name}") from None
+        return resolve(host, *args, **kwargs)
+
+    socket.getaddrinfo = local_only
+    yield
+    socket.getaddrinfo = resolve
 
 
 def copy_subject(name: str, destination: Path) -> Path:
@@ -329,3 +356,56 @@ def assert_same_curves(a: dict, b: dict, *, slice_of_b: bool = False) -> None:
                     key,
                     step,
                 )
+
+
+def headless_chromium(profile: Path):
+    """Debian's Chromium under chromedriver, offline: no background connections. An alert the
+    page opens stays open for the test to find (it is not dismissed behind its back)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1300,2200",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    options.set_capability("unhandledPromptBehavior", "ignore")
+    return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+
+
+def shown_table(driver, table_id: str) -> list[list[str]]:
+    """The text of every cell of the page's table `table_id`, row by row (the header first)."""
+    return driver.execute_script(
+        "return [...document.getElementById(arguments[0]).rows]"
+        ".map(row => [...row.cells].map(cell => cell.textContent));",
+        table_id,
+    )
+
+
+def assert_page_shows(shown: list[list[str]], table) -> None:
+    """The page's table (`shown_table`) shows `table` (a selection.report.Table): the same
+    header, and each cell's text as is, None as "–", an int exactly, a float rounded to the
+    decimals the page shows (at least one)."""
+    assert shown[0] == table.header
+    assert len(shown) - 1 == len(table.rows), (shown, table.rows)
+    for row, expected in zip(shown[1:], table.rows, strict=True):
+        assert len(row) == len(expected), (row, expected)
+        for text, value in zip(row, expected, strict=True):
+            if value is None:
+                assert text == "–", (row, expected)
+            elif isinstance(value, str | int):
+                assert text == str(value), (row, expected)
+            else:
+                decimals = len(text.partition(".")[2])
+                assert decimals >= 1, (row, expected)
+                assert abs(float(text) - value) <= 0.5 * 10**-decimals + 1e-9, (row, expected)

@@ -72,6 +72,38 @@ def test_trial_ids_follow_content_not_location(tmp_path: Path) -> None:
     assert [t.trial_id for t in expand_grid(load_spec(write_spec(first, reweighted)))] == ids
 
 
+
+def test_a_metrics_settings_count_only_when_it_is_measured_and_weights_by_content(
+    tmp_path: Path,
+) -> None:
+    first = tmp_path / "a"
+    first.mkdir()
+    ids = [t.trial_id for t in expand_grid(load_spec(write_spec(first, small_spec(first))))]
+    unmeasured = small_spec(first, eval={"kid_subsets": 7, "fid_weights": "https://x/w.pth"})
+    assert [t.trial_id for t in expand_grid(load_spec(write_spec(first, unmeasured)))] == ids
+
+    (first / "inception.pth").write_bytes(b"weights")
+    fid = {"metrics": ["similarity", "fid"], "fid_reference": "subjects/robot"}
+    with_file = small_spec(first, eval={**fid, "fid_weights": "inception.pth"})
+    fid_ids = [t.trial_id for t in expand_grid(load_spec(write_spec(first, with_file)))]
+    assert fid_ids != ids
+    moved = tmp_path / "b"
+    shutil.copytree(first, moved)  # the weights file by content, not by where it lies
+    assert [t.trial_id for t in expand_grid(load_spec(moved / "sweep.yaml"))] == fid_ids
+    (moved / "inception.pth").write_bytes(b"other weights")
+    assert [t.trial_id for t in expand_grid(load_spec(moved / "sweep.yaml"))] != fid_ids
+
+    # Files no chosen metric loads are neither read nor checked, and change no id.
+    dino_fid = {**fid, "fid_features": "dino"}
+    unread = [
+        small_spec(first, eval={**dino_fid, "fid_weights": "gone/inception.pth"}),
+        small_spec(first, eval={**dino_fid, "aesthetics_head": "gone/head.pth"}),
+    ]
+    dino_ids = [t.trial_id for t in expand_grid(load_spec(write_spec(first, unread[0])))]
+    assert [t.trial_id for t in expand_grid(load_spec(write_spec(first, unread[1])))] != dino_ids
+    plain = small_spec(first, eval=dino_fid)
+    assert [t.trial_id for t in expand_grid(load_spec(write_spec(first, plain)))] == dino_ids
+
 def test_trial_config_round_trips_through_json(tmp_path: Path) -> None:
     methods = ["dreambooth", "lora", "textual_inversion"]
     trials = expand_grid(load_spec(write_spec(tmp_path, small_spec(tmp_path, methods=methods))))
@@ -81,3 +113,26 @@ def test_trial_config_round_trips_through_json(tmp_path: Path) -> None:
         assert type(again.options) is type(trial.options)
     trial = trials[0]
     assert trial.output_dir == tmp_path / "runs" / "small" / "trials" / f"robot-{trial.trial_id}"
+
+
+def test_the_quickstart_trials_keep_their_ids() -> None:
+    """A trial's id is how a re-run finds it finished: a change to what is hashed (a new spec
+    field, a new default) must not silently retrain every sweep already run. These are the ids
+    the quickstart's trials have had since the world size and the FID/KID settings were added
+    (they are left out where they change nothing)."""
+    spec = load_spec(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    ids = {trial.label: trial.trial_id for trial in expand_grid(spec)}
+    assert ids == {
+        "robot/dreambooth/n=2/lr=0.0001/seed=0": "d02ab9a1ce89",
+        "robot/dreambooth/n=4/lr=0.0001/seed=0": "dd931e5e7db3",
+        "robot/lora/n=2/lr=0.001/seed=0": "076b550ad3f3",
+        "robot/lora/n=4/lr=0.001/seed=0": "3bce63fdd7f4",
+        "robot/textual_inversion/n=2/lr=0.005/seed=0": "c14650142760",
+        "robot/textual_inversion/n=4/lr=0.005/seed=0": "114d0112d6b6",
+        "mug/dreambooth/n=2/lr=0.0001/seed=0": "04ce90ee566c",
+        "mug/dreambooth/n=4/lr=0.0001/seed=0": "c5d4a1ab833b",
+        "mug/lora/n=2/lr=0.001/seed=0": "87db69d51015",
+        "mug/lora/n=4/lr=0.001/seed=0": "54615e82f04b",
+        "mug/textual_inversion/n=2/lr=0.005/seed=0": "95ce88f7a45c",
+        "mug/textual_inversion/n=4/lr=0.005/seed=0": "5e3bbb7f2d67",
+    }

@@ -1,4 +1,5 @@
-"""In-domain rate: the Haar face detector on a drawn face and on noise; CLIP zero-shot by hand."""
+"""In-domain rate: dlib's detector for people when installed (the Haar cascade otherwise), the
+Haar cascade on a drawn face and on noise, CLIP zero-shot by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from skimage import data
 
+from contract.layout import SETUP_FACE_DETECTOR
+from contract.spec import EvalSpec
+from evaluation.evaluator import Evaluator
 from evaluation.in_domain import HaarFaceDetector, zero_shot_in_domain
 
 
@@ -52,3 +57,30 @@ def test_zero_shot_counts_an_image_in_domain_when_its_class_beats_every_distract
     )
     decided = zero_shot_in_domain(images, class_text, distractors)
     assert decided.tolist() == [True, False, False, True]
+
+
+def face_rate_evaluator() -> Evaluator:
+    return Evaluator(
+        EvalSpec(
+            prompts=["a photo of {token} {class}"], images_per_prompt=2, metrics=["in_domain"]
+        ),
+        token="sks",
+        class_token="man",
+        reference_files=[],
+        resolution=64,
+    )
+
+
+@pytest.mark.parametrize(
+    ("dlib_installed", "detector"), [(True, "dlib_hog"), (False, "opencv_haar")]
+)
+def test_people_are_counted_by_dlib_when_installed_else_haar_and_the_detector_is_said(
+    dlib_installed: bool, detector: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("evaluation.faces.faces_installed", lambda: dlib_installed)
+    evaluator = face_rate_evaluator()
+    assert evaluator.setup == {SETUP_FACE_DETECTOR: detector}  # the trial's setup tag
+    photo = Image.fromarray(data.astronaut())  # a real face, which both detectors find
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), np.uint8))
+    curves, per_image = evaluator.measure([photo, noise])
+    assert per_image["in_domain"] == [1.0, 0.0] and curves["in_domain"] == 0.5

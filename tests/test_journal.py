@@ -12,7 +12,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tracking.journal import JOURNAL_FILE, JournaledWriter, pending_writes
+from tracking.journal import JOURNAL_FILE, JournaledWriter, pending_writes, read_journal
 
 pytestmark = pytest.mark.slow
 
@@ -60,3 +60,27 @@ def test_writes_while_the_server_is_down_are_journaled_and_replayed_once(
             a.path for d in ("samples", "records") for a in client.list_artifacts(run_id, d)
         }
         assert artifacts == {"samples/step_000004.png", "records/step_000004.json"}
+
+
+def test_the_journal_read_back_without_its_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `dreamsweep status` shows of a journal: its writes (a line still being appended
+    counts, as `dreamsweep sync` has it to replay), the last loss step, each metric's latest
+    value and the run's end."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    assert read_journal(tmp_path / "never-ran").writes == 0
+    offline = MlflowClient(tracking_uri="http://127.0.0.1:9")  # nothing listens there
+    writer = JournaledWriter(offline, "run-1", tmp_path, retry_every=3600)
+    writer.log_metrics([Metric("loss", 0.5, 0, 7), Metric("similarity", 0.6, 0, 6)])
+    writer.log_metrics([Metric("loss", 0.4, 0, 0), Metric("similarity", 0.7, 0, 8)])
+    writer.log_metrics([Metric("similarity", 0.1, 0, 2)])  # an older step: not the latest
+    writer.set_tags({"dreamsweep.checkpoint.step_000008": "/ckpt/8"})
+    writer.set_terminated("FINISHED")
+    with open(tmp_path / JOURNAL_FILE, "a", encoding="utf-8") as journal:
+        journal.write('{"run_id": "run-1", "op": "metr')  # torn: its writer is mid-line
+    summary = read_journal(tmp_path)
+    assert summary.writes == pending_writes(tmp_path) == 6
+    assert summary.last_loss_step == 7
+    assert summary.metrics == {"similarity": (8, 0.7)}
+    assert summary.terminated == "FINISHED"

@@ -243,13 +243,8 @@ def test_retention_keeps_eval_steps_and_the_newest_and_resume_state_only_once(
     assert [(folder / TRAINER_STATE).exists() for _, folder in kept] == [False, False, True]
     assert all((folder / "pytorch_lora_weights.safetensors").exists() for _, folder in kept)
 
-    lean = make_trial(
-        tmp_path / "lean",
-        grid={"max_steps": 6, "eval_every": 3},
-        train={"checkpoints": {"keep_last": 1, "keep_eval_steps": False}},
-    )
-    train(lean)
-    assert [step for step, _ in complete_checkpoints(checkpoints_root(lean))] == [6]
+    # keep_last: 1 without keep_eval_steps (the best step is kept beside the newest): see
+    # test_a_trained_trial_keeps_its_best_checkpoint_beside_the_newest (test_select_retention.py).
 
 
 @pytest.mark.slow

@@ -40,7 +40,6 @@ def test_similarity_is_the_mean_cosine_over_generated_reference_pairs() -> None:
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from evaluation.aesthetics import AestheticHead, load_aesthetic_head  # noqa: E402
 from evaluation.clip import Clip, resolve_clip_source  # noqa: E402
 from evaluation.dino import Dino  # noqa: E402
 from evaluation.metrics import clip_t_per_image, frechet_distance  # noqa: E402
@@ -136,21 +135,3 @@ def test_frechet_distance_of_one_dimensional_gaussians_by_hand() -> None:
     expected = (1 - 5) ** 2 + (math.sqrt(2) - 2) ** 2
     assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
     assert frechet_distance(b, b) == pytest.approx(0.0, abs=1e-9)
-
-
-def test_aesthetics_equals_a_hand_written_forward_pass_of_the_laion_head(tmp_path) -> None:
-    torch.manual_seed(0)
-    state = AestheticHead(768).state_dict()  # the LAION file's layout: layers.{0,2,4,6,7}
-    path = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
-    torch.save(state, path)
-    head = load_aesthetic_head(str(path))
-    embeddings = torch.nn.functional.normalize(torch.randn(5, 768), dim=-1)
-
-    hidden = embeddings
-    for index in (0, 2, 4, 6, 7):  # Linear layers; dropout is off in eval, no activations
-        hidden = hidden @ state[f"layers.{index}.weight"].T + state[f"layers.{index}.bias"]
-    with torch.no_grad():
-        torch.testing.assert_close(head(embeddings), hidden.squeeze(-1))
-    assert sorted(state) == sorted(
-        f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")
-    )

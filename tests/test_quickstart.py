@@ -11,13 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAKE_SECRETS, REPO, dreamsweep
+from conftest import (
+    FAKE_SECRETS,
+    REPO,
+    assert_page_shows,
+    dreamsweep,
+    headless_chromium,
+    shown_table,
+)
 from diffusers import StableDiffusionPipeline
 from mlflow.tracking import MlflowClient
 
-from contract.layout import TAG_SETUP_PREFIX, TAG_TRIAL
+from contract.layout import METRIC_COLLAPSE_STEP, TAG_COLLAPSE, TAG_SETUP_PREFIX, TAG_TRIAL
+from contract.scoring import first_collapse
+from contract.spec import load_spec
 from selection.registry import download_best
-from selection.report import fit_steps_per_image
+from selection.report import comparison_tables, fit_steps_per_image, gather, phrase_table
 from tracking.records import load_records, per_phrase_means
 from tracking.sweep import SweepTracking
 from trainers.methods import load_trained_pipeline
@@ -104,6 +113,10 @@ def test_per_image_records_carry_prompts_phrases_and_the_curves_values(quickstar
 
 def test_select_logs_best_step_and_prints_table(quickstart: dict) -> None:
     client: MlflowClient = quickstart["client"]
+    spec = load_spec(quickstart["root"] / quickstart["spec"])
+    tracking = SweepTracking(spec.tracking_uri, spec.experiment_name)
+    watched = spec.selection.collapse_metrics(spec.eval.metrics)
+    threshold = spec.selection.collapse.threshold
     for run in quickstart["runs"]:
         if run.data.tags.get("dreamsweep.role") != "trial":
             continue
@@ -111,6 +124,16 @@ def test_select_logs_best_step_and_prints_table(quickstart: dict) -> None:
         assert fresh.data.metrics["best_step"] in (0, 10, 20, 30)
         assert 0.0 <= fresh.data.metrics["best_score"] <= 1.0
         assert run.info.run_name in quickstart["select"].stdout
+        # The collapse, as contract.scoring finds it on the logged curves (none collapses in
+        # the quickstart; tests/test_report.py has curves that do).
+        histories = tracking.histories(run.info.run_id, watched)
+        collapse = first_collapse(histories, watched, spec.selection.ranges, threshold)
+        if collapse is None:
+            assert fresh.data.tags[TAG_COLLAPSE] == "none"
+            assert METRIC_COLLAPSE_STEP not in fresh.data.metrics
+        else:
+            assert fresh.data.tags[TAG_COLLAPSE] == f"{collapse[1]} at step {collapse[0]}"
+            assert fresh.data.metrics[METRIC_COLLAPSE_STEP] == collapse[0]
     assert "best step" in quickstart["select"].stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in quickstart["select"].stdout
 
@@ -231,33 +254,9 @@ def test_select_with_other_weights_points_the_alias_at_their_choice_and_records_
     assert client.get_model_version_by_alias(name, "best").version == before.version
 
 
-def headless_chromium(profile: Path):
-    """Debian's Chromium under chromedriver, offline: no background connections."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=1300,2200",
-        f"--user-data-dir={profile}",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
-
-
 def python_best_steps(quickstart: dict, weights: dict[str, float]) -> dict[str, int]:
     """Each trial's best step for `weights`, computed here from MLflow (not by the page)."""
-    from contract.spec import load_spec
-    from selection.scoring import best_step, weighted_scores
+    from contract.scoring import best_step, weighted_scores
 
     spec = load_spec(quickstart["root"] / quickstart["spec"])
     tracking = SweepTracking(spec.tracking_uri, spec.experiment_name)
@@ -281,6 +280,8 @@ def test_report_is_self_contained_and_recomputes_best_steps_when_a_slider_moves(
         "report", quickstart["spec"], "--output", str(folder), cwd=quickstart["root"]
     )
     assert result.returncode == 0, result.stderr
+    # MLflow draws a bar per download (a trial's records) unless told not to.
+    assert "Downloading artifacts" not in result.stdout + result.stderr
     page = folder / "report.html"
     html = page.read_text(encoding="utf-8")
     assert "<script src" not in html and "<link" not in html  # nothing fetched: offline
@@ -289,10 +290,24 @@ def test_report_is_self_contained_and_recomputes_best_steps_when_a_slider_moves(
         written = {row["trial"]: int(row["best_step"]) for row in csv.DictReader(handle)}
     study = {"similarity": 1.0, "aesthetics": 1.0, "diversity": 0.5}
     assert written == python_best_steps(quickstart, study)
+    # Every table the page computes, as selection.report computes it in Python.
+    spec = load_spec(quickstart["root"] / quickstart["spec"])
+    curves = gather(spec)
+    phrases = phrase_table(spec, curves)
+    assert {row[0] for row in phrases.rows} == {"style", "context", "viewpoint", "lighting"}
+
+    def assert_tables_show(weights: dict[str, float]) -> None:
+        tables = comparison_tables(spec, curves, weights)
+        assert set(tables) == {"best-table", "by-images", "by-method", "by-base"}
+        for table_id, table in {**tables, "phrases": phrases}.items():
+            assert_page_shows(shown_table(driver, table_id), table)
 
     driver = headless_chromium(tmp_path / "chromium-profile")
     try:
         driver.get(page.as_uri())
+        assert_tables_show(spec.selection_weights)
+        assert shown_table(driver, "negative") == []  # eval.compare_negative is off
+        assert "not measured" in driver.find_element(By.ID, "negative-title").text
         rows = driver.find_elements(By.CSS_SELECTOR, "#best-table tr")[1:]
         labels = [row.find_elements(By.TAG_NAME, "td")[0].text for row in rows]
 
@@ -309,6 +324,7 @@ def test_report_is_self_contained_and_recomputes_best_steps_when_a_slider_moves(
         moved = shown()
         assert moved == python_best_steps(quickstart, {"diversity": 0.5})
         assert moved != written
+        assert_tables_show({"diversity": 0.5})
         # The fit follows the sliders: k per class token = Σ n·s / Σ n² of the shown best steps.
         fits = {
             row.find_elements(By.TAG_NAME, "td")[0].text: row.find_element(By.CLASS_NAME, "k").text

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from contract.scoring import best_step, min_max_scale, weighted_scores
 from contract.spec import STUDY_RANGES
-from selection.scoring import best_step, min_max_scale, weighted_scores
 
 STEPS = range(0, 1001, 100)
 
@@ -55,7 +55,7 @@ def test_nothing_to_choose_is_an_error() -> None:
 
 
 def test_collapse_is_the_first_drop_beyond_the_threshold_from_the_running_best() -> None:
-    from selection.scoring import collapse_step, first_collapse
+    from contract.scoring import collapse_step, first_collapse
 
     diversity = rise_then_collapse()["diversity"]  # scaled: 1.0 to 500, then -0.2 per 100
     assert collapse_step(diversity, STUDY_RANGES["diversity"], threshold=0.3) == 700

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,25 @@ from conftest import REPO, dreamsweep, small_spec, write_spec
 from PIL import Image
 
 from contract.spec import SpecError, load_spec
+from launch import cli
 from launch.preflight import network_warnings, tracking_warnings
+from tracking.journal import HTTP_DEFAULTS
+
+Validate = Callable[[Path], tuple[int, str, str]]
+
+
+@pytest.fixture
+def validate(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Validate:
+    """`dreamsweep validate SPEC` through the real entry point, in-process: (status, out, err)."""
+    for key, value in HTTP_DEFAULTS.items():  # main() sets them; undone after the test
+        monkeypatch.setenv(key, value)
+
+    def run(path: Path) -> tuple[int, str, str]:
+        status = cli.main(["validate", str(path)])
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    return run
 
 
 def problems_of(path: Path) -> list[str]:
@@ -295,3 +314,129 @@ def test_validate_warns_when_a_cluster_launcher_writes_to_a_sqlite_file(tmp_path
         assert bool(tracking_warnings(on_sqlite)) == (launcher["kind"] != "local")
         served = small_spec(tmp_path, launcher=launcher, tracking={"uri": "http://127.0.0.1:5000"})
         assert tracking_warnings(load_spec(write_spec(tmp_path, served))) == []
+
+
+def test_validate_reports_schema_cross_section_and_file_problems_together(
+    tmp_path: Path, validate: Validate
+) -> None:
+    spec = small_spec(
+        tmp_path,
+        train={"resolution": 60},
+        eval={"metrics": ["similarity"]},
+        selection={"weights": {"diversity": 1.0}},
+    )
+    spec["subjects"][0]["images"] = "subjects/nobody"
+    # A sibling's error does not hide the file checks of the subject that validated.
+    spec["subjects"].append({"name": "a b", "images": "subjects/robot", "class_token": "toy"})
+    path = write_spec(tmp_path, spec)
+    status, out, err = validate(path)
+    assert status == 2 and out == "" and "Traceback" not in err
+    assert err.startswith(f"error: {path}: 4 problems in the sweep spec:\n"), err
+    for expected in (
+        "  - train.resolution: Input should be a multiple of 8 (got 60)",
+        "  - subjects[1].name: must be a safe path component",
+        "  - selection.weights: ['diversity'] not in eval.metrics ['similarity']",
+        f"  - subjects[0].images: folder {str(tmp_path / 'subjects' / 'nobody')!r} does not exist",
+    ):
+        assert expected in err, err
+
+
+def test_file_checks_run_for_sections_that_validated_beside_schema_errors(
+    tmp_path: Path,
+) -> None:
+    spec = small_spec(
+        tmp_path,
+        grid={"num_images": [9], "max_steps": 0},
+        eval={"metrics": ["similarity", "fid"], "fid_reference": "coco", "seed": "x"},
+    )
+    notes = tmp_path / "subjects" / "robot" / "notes.txt"
+    notes.write_text("hello")
+    problems = problems_of(write_spec(tmp_path, spec))
+    # grid failed: the subject's files are still checked, only their count against
+    # grid.num_images is not; eval failed: its reference folder is not checked.
+    assert [p.split(":")[0] for p in problems] == [
+        "grid.max_steps",
+        "eval.seed",
+        "subjects[0].images",
+    ]
+    assert str(notes) in problems[2] and "not an image file" in problems[2]
+    spec["grid"]["max_steps"] = 4
+    spec["eval"]["seed"] = 0
+    problems = problems_of(write_spec(tmp_path, spec))
+    assert [p.split(":")[0] for p in problems] == ["subjects[0].images"] * 2 + [
+        "eval.fid_reference"
+    ]
+    assert "has 5 image(s) but grid.num_images asks for up to 9" in problems[1]
+
+
+def test_early_stop_that_could_never_fire_is_refused(tmp_path: Path) -> None:
+    spec = small_spec(
+        tmp_path,
+        eval={"metrics": ["similarity", "clip_t"]},
+        selection={"early_stop": {"patience": 1}},
+    )
+    [problem] = problems_of(write_spec(tmp_path, spec))
+    assert problem == (
+        "selection.early_stop: stops a trial only when a watched curve collapses, but "
+        "eval.metrics ['similarity', 'clip_t'] measures none of selection.collapse.metrics "
+        "['aesthetics', 'diversity'], so it would never stop one; add one of ['aesthetics', "
+        "'diversity'] to eval.metrics, set selection.collapse.metrics to some of "
+        "['similarity', 'clip_t'], or remove selection.early_stop"
+    )
+    spec["selection"]["collapse"] = {"metrics": []}
+    [problem] = problems_of(write_spec(tmp_path, spec))
+    assert "but selection.collapse.metrics is empty, so it would never stop one" in problem
+    # Each fix the message names makes the spec valid.
+    spec["selection"]["collapse"] = {"metrics": ["clip_t"]}
+    assert load_spec(write_spec(tmp_path, spec)).selection.collapse.metrics == ["clip_t"]
+    spec["selection"] = {"early_stop": {"patience": 1}}
+    spec["eval"]["metrics"] = ["similarity", "clip_t", "aesthetics"]
+    assert load_spec(write_spec(tmp_path, spec)).selection.early_stop.patience == 1
+    del spec["selection"]["early_stop"]
+    spec["eval"]["metrics"] = ["similarity", "clip_t"]
+    assert load_spec(write_spec(tmp_path, spec)).selection.early_stop is None
+
+
+def test_a_file_where_a_folder_belongs_is_named_as_not_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"\0")
+    (tmp_path / "reference.png").write_bytes(b"\0")
+    image = tmp_path / "subjects" / "robot" / "00.png"
+    spec = small_spec(
+        tmp_path,
+        base_model="./model.safetensors",
+        eval={"metrics": ["similarity", "fid"], "fid_reference": "reference.png"},
+    )
+    spec["subjects"][0]["images"] = "subjects/robot/00.png"
+    spec["output_dir"] = "reference.png"  # `run` would fail making its folders there
+    assert problems_of(write_spec(tmp_path, spec)) == [
+        f"base_model: local model {str(tmp_path / 'model.safetensors')!r} is a file, not a "
+        f"folder (got './model.safetensors')",
+        f"output_dir: {str(tmp_path / 'reference.png')!r} is a file, not a folder "
+        "(got 'reference.png')",
+        f"subjects[0].images: {str(image)!r} is a file, not a folder",
+        f"eval.fid_reference: {str(tmp_path / 'reference.png')!r} is a file, not a folder",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "eval_every", "seeds", "summary"),
+    [
+        (4, 4, [0], "1 trial; each trains 4 steps, evaluated at steps 0 and 4."),
+        (4, 2, [0, 1], "2 trials; each trains 4 steps, evaluated at steps 0, 2 and 4."),
+        (6, 2, [0], "1 trial; each trains 6 steps, evaluated at steps 0, 2, 4 and 6."),
+        (600, 200, [0], "evaluated at steps 0, 200, 400 and 600."),
+        (12, 1, [0], "evaluated at steps 0, 1, …, 12 (13 evaluations)."),
+    ],
+)
+def test_validate_summary_lists_the_step_grid(
+    tmp_path: Path,
+    validate: Validate,
+    max_steps: int,
+    eval_every: int,
+    seeds: list[int],
+    summary: str,
+) -> None:
+    grid = {"max_steps": max_steps, "eval_every": eval_every, "seed": seeds}
+    status, out, err = validate(write_spec(tmp_path, small_spec(tmp_path, grid=grid)))
+    assert status == 0, err
+    assert summary in out, out

@@ -20,6 +20,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +71,50 @@ def journal_path(folder: Path) -> Path:
     return folder / JOURNAL_FILE
 
 
+@dataclass
+class JournalSummary:
+    """What a trial's journal holds: the MLflow writes `dreamsweep sync` has yet to replay."""
+
+    writes: int = 0
+    last_loss_step: int | None = None
+    metrics: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """metric → (step, value) of its latest journaled value (loss apart)."""
+    terminated: str | None = None
+    """The run's final status, when the worker closed it while the server was down."""
+
+
+def read_journal(folder: Path) -> JournalSummary:
+    """What the trial's journal holds (nothing when there is none). Read without its lock: a
+    journal a replay removes meanwhile reads as none, and a line being appended counts as a
+    write but tells nothing yet."""
+    summary = JournalSummary()
+    try:
+        lines = journal_path(folder).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return summary
+    for line in lines:
+        if not line.strip():
+            continue
+        summary.writes += 1
+        try:
+            entry: dict[str, Any] = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("op") == "terminate":
+            summary.terminated = entry["status"]
+        elif entry.get("op") == "metrics":
+            for key, value, _timestamp, step in entry["rows"]:
+                if key == "loss":
+                    last = summary.last_loss_step
+                    summary.last_loss_step = step if last is None else max(last, step)
+                elif step >= summary.metrics.get(key, (step, value))[0]:
+                    summary.metrics[key] = (step, value)
+    return summary
+
+
 def pending_writes(folder: Path) -> int:
     """How many writes the trial's journal holds (0 when there is none)."""
-    path = journal_path(folder)
-    if not path.exists():
-        return 0
-    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return read_journal(folder).writes
 
 
 def _apply(client: MlflowClient, run_id: str, folder: Path, op: dict[str, Any]) -> None:

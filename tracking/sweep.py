@@ -19,6 +19,7 @@ from contract.layout import (
     PARAM_CLASS_TOKEN,
     PARAM_METHOD,
     PARAM_NUM_IMAGES,
+    PARAM_OUTPUT_DIR,
     PARAM_SUBJECT,
     ROLE_SWEEP,
     ROLE_TRIAL,
@@ -154,10 +155,11 @@ class SweepTracking:
             PARAM_NUM_IMAGES: trial.num_images,
             "learning_rate": trial.learning_rate,
             "seed": trial.seed,
+            "world_size": trial.world_size,  # part of the id: the global batch follows it
             "max_steps": trial.max_steps,
             "eval_every": trial.eval_every,
             PARAM_BASE_MODEL: trial.base_model,
-            "output_dir": str(trial.output_dir),
+            PARAM_OUTPUT_DIR: str(trial.output_dir),
             **{f"train.{k}": v for k, v in trial.train.model_dump().items()},
             **{f"eval.{k}": v for k, v in trial.eval.model_dump().items() if k != "prompts"},
         }

@@ -1,22 +1,30 @@
 """Atomic checkpoints: written to a temporary folder, marked COMPLETE, then renamed into place.
 
 A kill during a save leaves only a `.tmp-*` folder, never a `step_*` folder that looks valid;
-resume takes the newest `step_*` folder that has the COMPLETE marker.
+resume takes the newest `step_*` folder that has the COMPLETE marker. An evaluated step's
+checkpoint also holds the metrics measured there (`evaluation.json`), so the retention policy
+can rank the kept checkpoints by their weighted score without the tracking store, and still does
+after a resume.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from contract.scoring import best_step, weighted_scores
 
 if TYPE_CHECKING:
     from contract.trial import TrialConfig
 
 COMPLETE = "COMPLETE"
+EVALUATION = "evaluation.json"
+"""The metrics evaluated at a checkpoint's step, written into it before it is published."""
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
@@ -120,15 +128,49 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def steps_to_remove(steps: list[int], *, keep_last: int | None, protected: set[int]) -> list[int]:
-    """The retention policy: all but the newest `keep_last` steps, minus the `protected` ones.
+def write_evaluation(folder: Path, metrics: Mapping[str, float]) -> None:
+    """Record the metrics evaluated at this checkpoint's step in its (staging) folder."""
+    (folder / EVALUATION).write_text(json.dumps(dict(metrics), sort_keys=True), encoding="utf-8")
 
-    `keep_last=None` keeps everything. The newest step is never removed.
+
+def checkpoint_scores(
+    checkpoints: list[tuple[int, Path]],
+    weights: Mapping[str, float],
+    ranges: Mapping[str, tuple[float, float]],
+) -> dict[int, float]:
+    """The weighted score of every checkpoint that records its evaluation (the steps that were
+    not evaluated, and checkpoints from before evaluations were recorded, have none)."""
+    histories: dict[str, dict[int, float]] = {}
+    for step, folder in checkpoints:
+        recorded = folder / EVALUATION
+        if recorded.is_file():
+            for metric, value in json.loads(recorded.read_text(encoding="utf-8")).items():
+                histories.setdefault(metric, {})[step] = value
+    return weighted_scores(histories, weights, ranges)
+
+
+def steps_to_remove(
+    steps: list[int],
+    *,
+    keep_last: int | None,
+    protected: set[int],
+    scores: Mapping[int, float] | None = None,
+) -> list[int]:
+    """The retention policy: all but the newest `keep_last` steps, minus the `protected` ones
+    and the best-scoring step of `scores` (ties to the earlier step, as selection breaks them).
+
+    `keep_last=None` keeps everything. The newest step is never removed. Applied after every
+    save, with the scores of the checkpoints kept so far, it never removes the best evaluated
+    step so far: a step removed was beaten then, and stays beaten, so `dreamsweep select` with
+    the spec's weights always finds the trial's best trained step on disk.
     """
     if keep_last is None:
         return []
-    newest = set(sorted(steps)[-keep_last:])
-    return [step for step in sorted(steps) if step not in newest and step not in protected]
+    kept = set(sorted(steps)[-keep_last:]) | protected
+    ranked = {step: score for step, score in (scores or {}).items() if step in steps}
+    if ranked:
+        kept.add(best_step(ranked)[0])
+    return [step for step in sorted(steps) if step not in kept]
 
 
 def remove_checkpoint(folder: Path) -> None:

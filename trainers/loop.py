@@ -46,6 +46,7 @@ from trainers.prior import class_images, class_prompt
 from trainers.reporting import Reporter, Stopper, TrialPaused
 from trainers.resume import (
     TrialCheckpoints,
+    WorldSizeMismatch,
 )
 from trainers.setup_description import describe_setup
 from trainers.state import Training, TrialState
@@ -291,6 +292,7 @@ def train(
     start_step: int,
     stopper: Stopper | None,
     should_pause: Callable[[], bool] | None,
+    can_stop: bool = False,
 ) -> None:
     """Train the steps after `start_step` up to `max_steps`, evaluating and checkpointing on
     the step grid; return early when the stopper says so, raise `TrialPaused` when paused."""
@@ -306,8 +308,8 @@ def train(
             reporter.on_train_step(step, loss=mean_loss, lr=lr)
         metrics = evaluate(trial, step) if step % config.eval_every == 0 else None
         if step in checkpoint_steps:
-            checkpoints.save(step)
-        if metrics is not None and config.selection.early_stop is not None:
+            checkpoints.save(step, evaluation=metrics)
+        if metrics is not None and (can_stop or config.selection.early_stop is not None):
             # The main process decides (only it holds the stopper); the trigger is a collective
             # every process joins, so all stop together (after this step's checkpoint).
             reason = stopper(step, metrics) if stopper is not None else None
@@ -349,10 +351,22 @@ def train_trial(
     accelerator: Accelerator,
     stopper: Stopper | None = None,
     should_pause: Callable[[], bool] | None = None,
+    can_stop: bool = False,
 ) -> None:
     """Train one trajectory to `max_steps`, evaluating and checkpointing on the step grid;
     `stopper` may end it at an evaluated step (early stopping); when `should_pause()` turns
-    true (a scheduler's signal), the current step is checkpointed and `TrialPaused` raised."""
+    true (a scheduler's signal), the current step is checkpointed and `TrialPaused` raised.
+    Every process asks at each evaluation whether to stop (a collective) when the spec's early
+    stop is on, or when `can_stop` says the main process's stopper may stop it otherwise (an
+    Optuna pruner)."""
+    if accelerator.num_processes != config.world_size:
+        # The trial's id, and its checkpoints' resume check, trust the world size it declares.
+        raise WorldSizeMismatch(
+            f"trial {config.label} ({config.trial_id}) has world size {config.world_size} (its "
+            f"launcher's process count), and this run's is {accelerator.num_processes}: "
+            "start it the way its launcher does (`dreamsweep run`), or change the launcher's "
+            "process count, which makes it a new trial"
+        )
     frozen_dtype = PRECISION[config.train.mixed_precision]
     model, class_files = setup_model(config, accelerator)
     method, trainable = setup_method(
@@ -389,11 +403,20 @@ def train_trial(
     )
     if accelerator.is_main_process:
         setup = describe_setup(model, training.optimizer, [name for name, _ in offloaded])
+        if trial.evaluator is not None:
+            setup |= trial.evaluator.setup  # what the metrics ran, e.g. the face detector
         reporter.on_start(start_step=start_step, max_steps=config.max_steps, setup=setup)
 
     if start_step == 0:
         baseline = evaluate(trial, 0)  # the base model's value: the baseline each curve starts from
         if stopper is not None and accelerator.is_main_process:
             stopper(0, baseline)
-    train(trial, checkpoints, start_step=start_step, stopper=stopper, should_pause=should_pause)
+    train(
+        trial,
+        checkpoints,
+        start_step=start_step,
+        stopper=stopper,
+        should_pause=should_pause,
+        can_stop=can_stop,
+    )
     finish(trial)

@@ -56,16 +56,25 @@ class LoRAMethod:
         pass
 
     def save_weights(self, model: BaseModel, directory: Path) -> None:
-        """diffusers' LoRA format, which `StableDiffusionPipeline.load_lora_weights` loads."""
-        text_encoder_layers = None
+        """diffusers' LoRA format, which `StableDiffusionPipeline.load_lora_weights` loads.
+
+        Each adapter's config goes in the file's metadata: without it the loader takes alpha to
+        be the rank, and an adapter trained with another `alpha` would load at the wrong scale.
+        """
+        text_encoder_layers = text_encoder_config = None
         if self.trains_text_encoder:
+            # The adapters never touch the embeddings; peft's default ("auto") would look the
+            # base model's vocabulary up, a hub request per checkpoint, to decide that again.
             text_encoder_layers = convert_state_dict_to_diffusers(
-                get_peft_model_state_dict(model.text_encoder)
+                get_peft_model_state_dict(model.text_encoder, save_embedding_layers=False)
             )
+            text_encoder_config = model.text_encoder.peft_config["default"].to_dict()
         StableDiffusionPipeline.save_lora_weights(
             directory,
             unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet)),
             text_encoder_lora_layers=text_encoder_layers,
+            unet_lora_adapter_metadata=model.unet.peft_config["default"].to_dict(),
+            text_encoder_lora_adapter_metadata=text_encoder_config,
             safe_serialization=True,
         )
 

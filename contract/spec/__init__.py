@@ -1,8 +1,9 @@
 """The sweep spec: one pydantic model tree, loaded from YAML and validated before anything runs.
 
 Every default lives in this package, once. Relative paths in a spec resolve against the spec
-file's folder. `load_spec` collects every problem (schema first, then the files the spec points
-at) and raises one `SpecError` naming the file, the field, the value and what is allowed.
+file's folder. `load_spec` collects every problem at once (the schema's, those across sections and
+those of the files the spec points at, the last two for every section that validated) and raises
+one `SpecError` naming the file, the field, the value and what is allowed.
 
 The package's modules, each importing only those above it:
 
@@ -12,6 +13,7 @@ The package's modules, each importing only those above it:
 - `evaluation`: the prompt template, `EvalSpec` and its defaults;
 - `selection`: the study's weights and ranges, collapse, early stop, `SelectionSpec`;
 - `launchers`: the local, SLURM and Ray launchers, Ray's schedulers, tracking;
+- `search`: grid or Optuna search, its space of distributions by spec path, its pruner;
 - `sweep`: `SweepSpec` and its checks across sections;
 - `loading`: YAML loading, error rewriting, and the checks of the files a spec points at.
 
@@ -46,6 +48,7 @@ from contract.spec.loading import (
     parse_spec,
     subject_image_files,
 )
+from contract.spec.search import Distribution, PrunerSpec, SearchSpec
 from contract.spec.selection import (
     SELECTABLE_METRICS,
     STUDY_RANGES,
@@ -91,6 +94,7 @@ __all__ = [
     "CheckpointSpec",
     "CollapseSpec",
     "DeepSpeedSpec",
+    "Distribution",
     "DreamBoothSpec",
     "EarlyStopSpec",
     "EvalSpec",
@@ -106,7 +110,9 @@ __all__ = [
     "Metric",
     "PriorPreservationSpec",
     "PromptTemplateSpec",
+    "PrunerSpec",
     "RayLauncherSpec",
+    "SearchSpec",
     "SelectionSpec",
     "SlurmLauncherSpec",
     "SpecError",

@@ -14,7 +14,9 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PROMPT_SLOTS = ("token", "class")
 TINY = "tiny"
 # The curves evaluation can measure; here because the eval and selection sections both name them.
-Metric = Literal["similarity", "aesthetics", "diversity", "clip_t", "in_domain", "fid"]
+Metric = Literal[
+    "similarity", "aesthetics", "diversity", "clip_t", "in_domain", "identity", "fid", "kid"
+]
 
 
 class SpecError(ValueError):
@@ -55,3 +57,12 @@ def _resolve(path: Path, info: ValidationInfo) -> Path:
     if base is not None and not path.is_absolute():
         path = Path(base) / path
     return path.resolve() if base is not None else path
+
+
+def _folder_problem(path: Path) -> str | None:
+    """Why `path` cannot be used as a folder (it is missing, or a file), or None."""
+    if path.is_dir():
+        return None
+    if path.exists():
+        return f"{str(path)!r} is a file, not a folder"
+    return f"folder {str(path)!r} does not exist"

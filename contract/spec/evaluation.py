@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from contract.spec.base import PROMPT_SLOTS, Metric, _check_slots, _resolve, _Strict
+from contract.spec.base import PROMPT_SLOTS, TINY, Metric, _check_slots, _resolve, _Strict
 
 FACE_CLASSES = frozenset(
     {"man", "woman", "person", "boy", "girl", "child", "kid", "baby", "face", "people"}
@@ -17,6 +17,14 @@ LAION_AESTHETIC_HEAD = (
     "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
     "sac+logos+ava1-l14-linearMSE.pth"
 )
+INCEPTION_WEIGHTS = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+    "weights-inception-2015-12-05-6726825d.pth"
+)
+"""torch-fidelity's Inception-v3 for FID and KID (the TensorFlow FID network, converted)."""
+FID_MIN_IMAGES = 2048
+"""FID's usual minimum of images per step (the width of Inception's features): below it FID is
+biased upwards and noisy, on any features."""
 DEFAULT_PROMPTS = [
     "a photo of {token} {class}",
     "a {token} {class} on the beach",
@@ -25,8 +33,13 @@ DEFAULT_PROMPTS = [
 ]
 
 
+def is_url(source: str) -> bool:
+    """A weights source to download (http or https), rather than a file or `tiny`."""
+    return source.startswith(("http://", "https://"))
+
+
 class PromptTemplateSpec(_Strict):
-    """Validation prompts drawn from a prompt template (`configs/prompts/`)."""
+    """Validation prompts drawn from a prompt template (shipped: `configs/prompts/`)."""
 
     template: Path
     """A shipped template's name (`portrait`, `object`) or the path of a template YAML file."""
@@ -91,10 +104,12 @@ class EvalSpec(_Strict):
     dino_model: str = "facebook/dino-vits16"
     """DINO ViT for `encoder: dino`: a hub id, a local folder, or `tiny`."""
     aesthetics_head: str = LAION_AESTHETIC_HEAD
-    """The LAION aesthetic predictor's MLP weights: a URL (downloaded once), a file, or `tiny`.
-    Its input width must equal `clip_model`'s embedding width (768 for ViT-L/14)."""
+    """The LAION aesthetic predictor's MLP weights (`sac+logos+ava1-l14-linearMSE.pth`): a URL
+    (downloaded once), a file (relative to the spec), or `tiny`. Its input width must equal
+    `clip_model`'s embedding width (768 for ViT-L/14)."""
     in_domain: Literal["auto", "face", "zero_shot"] = "auto"
-    """How `in_domain` decides: `face` detection (OpenCV Haar cascade), CLIP `zero_shot` against
+    """How `in_domain` decides: `face` detection (dlib's HOG detector when `dreamsweep[faces]` is
+    installed, else OpenCV's Haar cascade; the trial records which ran), CLIP `zero_shot` against
     `distractor_classes`, or `auto`: `face` when the class token is one of FACE_CLASSES."""
     distractor_classes: list[str] = Field(
         default=["person", "dog", "cat", "car", "building", "tree", "flower", "chair", "food"],
@@ -103,10 +118,20 @@ class EvalSpec(_Strict):
     """Zero-shot `in_domain`: the classes an image's own class must beat (the subject's class is
     left out if listed)."""
     fid_reference: Path | None = None
-    """`fid`: a folder of reference images the generated images are compared with."""
+    """`fid`, `kid`: a folder of reference images the generated images are compared with."""
     fid_features: Literal["inception", "clip", "dino"] = "inception"
-    """`fid`: the features, Inception-v3 pool3 (the usual FID; needs torch-fidelity) or the
-    CLIP / DINO embeddings of `clip_model` / `dino_model` (un-normalised)."""
+    """`fid`, `kid`: the features, Inception-v3 pool3 (the usual FID, weights from
+    `fid_weights`) or the CLIP / DINO embeddings of `clip_model` / `dino_model`
+    (un-normalised)."""
+    fid_weights: str = INCEPTION_WEIGHTS
+    """`fid_features: inception`: torch-fidelity's Inception-v3 state dict
+    (`weights-inception-2015-12-05-6726825d.pth`), a file (relative to the spec; runs offline)
+    or a URL (downloaded once to the cache)."""
+    kid_subsets: int = Field(default=100, ge=1)
+    """`kid`: the number of random subsets KID is averaged over (torchmetrics' default)."""
+    kid_subset_size: int = Field(default=1000, ge=2)
+    """`kid`: images per subset (torchmetrics' default), capped at the smaller of the variant's
+    images and the reference images."""
     records: bool = True
     """Log a table of every generated image (prompt, phrases, seed, per-image metrics)."""
 
@@ -133,6 +158,12 @@ class EvalSpec(_Strict):
     def _resolve_fid_reference(cls, path: Path | None, info: ValidationInfo) -> Path | None:
         return None if path is None else _resolve(path, info)
 
+    @field_validator("fid_weights", "aesthetics_head")
+    @classmethod
+    def _resolve_weights_file(cls, source: str, info: ValidationInfo) -> str:
+        # A string still: trial configs travel to workers as JSON.
+        return source if source == TINY or is_url(source) else str(_resolve(Path(source), info))
+
     @model_validator(mode="after")
     def _consistent(self) -> EvalSpec:
         problems = []
@@ -142,14 +173,29 @@ class EvalSpec(_Strict):
             problems.append("diversity needs at least 2 evaluation images per step")
         if self.compare_negative and self.negative_prompt is None:
             problems.append("eval.compare_negative needs eval.negative_prompt")
-        if "fid" in self.metrics and self.fid_reference is None:
-            problems.append("metric 'fid' needs eval.fid_reference (a folder of images)")
+        for metric in ("fid", "kid"):
+            if metric in self.metrics and self.fid_reference is None:
+                problems.append(f"metric {metric!r} needs eval.fid_reference (a folder of images)")
+            if metric in self.metrics and self.images_per_step < 2:
+                problems.append(f"{metric} needs at least 2 evaluation images per step")
+        if self.fid_weights == TINY:
+            problems.append("eval.fid_weights: no `tiny` Inception; give a file or a URL")
         repeated = sorted({m for m in self.metrics if self.metrics.count(m) > 1})
         if repeated:
             problems.append(f"eval.metrics: repeated {repeated}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def weights_sources(self) -> dict[str, str]:
+        """`eval.<field>` → the weights file or URL that the chosen metrics load (not `tiny`)."""
+        sources = {}
+        if self.fid_features == "inception" and {"fid", "kid"} & set(self.metrics):
+            sources["eval.fid_weights"] = self.fid_weights
+        if "aesthetics" in self.metrics and self.aesthetics_head != TINY:
+            sources["eval.aesthetics_head"] = self.aesthetics_head
+        return sources
 
     @property
     def images_per_step(self) -> int:

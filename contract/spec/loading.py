@@ -1,8 +1,11 @@
 """Loading a sweep spec: YAML parsing, schema validation with pydantic's errors rewritten to
-name the field, the value and what is allowed, and the checks of the files the spec points at."""
+name the field, the value and what is allowed, the checks across sections, and the checks of the
+files the spec points at. Every problem of every phase is reported at once: the checks across
+sections and of files run on each section that validated, whatever failed elsewhere."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
@@ -10,9 +13,16 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from contract.images import image_problem
-from contract.spec.base import SpecError
+from contract.spec.base import SpecError, _folder_problem
+from contract.spec.evaluation import (
+    INCEPTION_WEIGHTS,
+    LAION_AESTHETIC_HEAD,
+    EvalSpec,
+    is_url,
+)
 from contract.spec.launchers import LAUNCHERS, SCHEDULERS
-from contract.spec.sweep import SweepSpec
+from contract.spec.sweep import PARSED_SECTIONS, SweepSpec, cross_section_problems
+from contract.spec.train import SubjectSpec
 
 
 def subject_image_files(folder: Path) -> list[Path]:
@@ -20,14 +30,15 @@ def subject_image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def check_subject_files(spec: SweepSpec) -> list[str]:
-    """Problems with the image folders the spec points at (every one, not just the first)."""
+def check_subject_files(subjects: Mapping[int, SubjectSpec], needed: int | None) -> list[str]:
+    """Problems with the image folders of `subjects` (their index in the spec → subject), every
+    one, not just the first; `needed` is the largest of grid.num_images, None when unknown."""
     problems = []
-    needed = max(spec.grid.num_images)
-    for index, subject in enumerate(spec.subjects):
+    for index, subject in subjects.items():
         field = f"subjects[{index}].images"
-        if not subject.images.is_dir():
-            problems.append(f"{field}: folder {str(subject.images)!r} does not exist")
+        folder_problem = _folder_problem(subject.images)
+        if folder_problem:
+            problems.append(f"{field}: {folder_problem}")
             continue
         files = subject_image_files(subject.images)
         if not files:
@@ -37,7 +48,7 @@ def check_subject_files(spec: SweepSpec) -> list[str]:
             reason = image_problem(path)
             if reason:
                 problems.append(f"{field}: {str(path)!r} is {reason}")
-        if len(files) < needed:
+        if needed is not None and len(files) < needed:
             problems.append(
                 f"{field}: folder {str(subject.images)!r} has {len(files)} image(s) but "
                 f"grid.num_images asks for up to {needed}"
@@ -45,12 +56,13 @@ def check_subject_files(spec: SweepSpec) -> list[str]:
     return problems
 
 
-def check_eval_files(spec: SweepSpec) -> list[str]:
-    """Problems with the prompt template and FID reference folder the spec points at."""
+def check_eval_files(evaluation: EvalSpec) -> list[str]:
+    """Problems with the prompt template, FID reference folder and weights files the eval
+    section points at."""
     from contract.prompts import PromptTemplateError, load_template
 
     problems = []
-    template_spec = spec.eval.prompt_template
+    template_spec = evaluation.prompt_template
     if template_spec is not None:
         try:
             template = load_template(template_spec.template)
@@ -63,10 +75,11 @@ def check_eval_files(spec: SweepSpec) -> list[str]:
                     f"asked, but {str(template_spec.template)!r} has only "
                     f"{template.combinations} phrase combinations"
                 )
-    folder = spec.eval.fid_reference
+    folder = evaluation.fid_reference
     if folder is not None:
-        if not folder.is_dir():
-            problems.append(f"eval.fid_reference: folder {str(folder)!r} does not exist")
+        folder_problem = _folder_problem(folder)
+        if folder_problem:
+            problems.append(f"eval.fid_reference: {folder_problem}")
         else:
             files = subject_image_files(folder)
             if len(files) < 2:
@@ -78,6 +91,12 @@ def check_eval_files(spec: SweepSpec) -> list[str]:
                 reason = image_problem(path)
                 if reason:
                     problems.append(f"eval.fid_reference: {str(path)!r} is {reason}")
+    released = {"eval.fid_weights": INCEPTION_WEIGHTS, "eval.aesthetics_head": LAION_AESTHETIC_HEAD}
+    for field, source in evaluation.weights_sources.items():  # URLs: launch.preflight
+        if not is_url(source) and not Path(source).is_file():
+            problems.append(
+                f"{field}: no file at {source!r}; the released file is {released[field]}"
+            )
     return problems
 
 
@@ -139,14 +158,64 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{field or '<top>'}: {message} (got {shown})"
 
 
-def parse_spec(data: Any, *, source: str, base_dir: Path) -> SweepSpec:
-    """Validate already-parsed YAML; raises `SpecError` listing every schema problem."""
+def _validated_sections(
+    data: dict[str, Any], base_dir: Path
+) -> tuple[SweepSpec | None, dict[str, Any], list[dict[str, Any]]]:
+    """One schema pass: the spec (None if it failed), every top-level section that validated
+    (given, or left to its default) and pydantic's errors."""
+    recorded: dict[str, Any] = {}
+    try:
+        spec = SweepSpec.model_validate(
+            data, context={"base_dir": base_dir, PARSED_SECTIONS: recorded}
+        )
+    except ValidationError as err:
+        errors = err.errors()
+    else:
+        return spec, dict(spec), []
+    failed = {error["loc"][0] for error in errors if error["loc"]}
+    sections = {name: value for name, value in recorded.items() if name not in failed}
+    for name, field in SweepSpec.model_fields.items():
+        # Absent from the spec: its default, which pydantic does not validate.
+        if name not in data and name not in failed and not field.is_required():
+            sections[name] = field.get_default(call_default_factory=True)
+    return None, sections, errors
+
+
+def _subjects_that_validated(
+    data: dict[str, Any], sections: dict[str, Any], base_dir: Path
+) -> dict[int, SubjectSpec]:
+    """Index → subject, for every subject that validated, also when a sibling did not."""
+    if "subjects" in sections:
+        return dict(enumerate(sections["subjects"]))
+    items = data.get("subjects")
+    if not isinstance(items, list):
+        return {}
+    subjects = {}
+    for index, item in enumerate(items):
+        try:  # the same model as in the list: its errors are already among `errors`
+            subjects[index] = SubjectSpec.model_validate(item, context={"base_dir": base_dir})
+        except ValidationError:
+            continue
+    return subjects
+
+
+def parse_spec(data: Any, *, source: str, base_dir: Path, check_files: bool = True) -> SweepSpec:
+    """Validate already-parsed YAML: the schema, the checks across sections and (with
+    `check_files`) the files; raises one `SpecError` listing every problem of every phase."""
     if not isinstance(data, dict):
         raise SpecError(source, [f"<top>: expected a mapping of fields, got {type(data).__name__}"])
-    try:
-        return SweepSpec.model_validate(data, context={"base_dir": base_dir})
-    except ValidationError as err:
-        raise SpecError(source, [_describe(e) for e in err.errors()]) from None
+    spec, sections, errors = _validated_sections(data, base_dir)
+    problems = [_describe(e) for e in errors] + cross_section_problems(sections)
+    if check_files:
+        grid = sections.get("grid")
+        subjects = _subjects_that_validated(data, sections, base_dir)
+        problems += check_subject_files(subjects, None if grid is None else max(grid.num_images))
+        if "eval" in sections:
+            problems += check_eval_files(sections["eval"])
+    if problems:
+        raise SpecError(source, problems)
+    assert spec is not None, "a spec that failed validation has problems"
+    return spec
 
 
 def load_spec(path: str | Path, *, check_files: bool = True) -> SweepSpec:
@@ -165,9 +234,4 @@ def load_spec(path: str | Path, *, check_files: bool = True) -> SweepSpec:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise SpecError(source, [f"not valid YAML: {err}"]) from None
-    spec = parse_spec(data, source=source, base_dir=path.resolve().parent)
-    if check_files:
-        problems = check_subject_files(spec) + check_eval_files(spec)
-        if problems:
-            raise SpecError(source, problems)
-    return spec
+    return parse_spec(data, source=source, base_dir=path.resolve().parent, check_files=check_files)

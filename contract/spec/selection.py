@@ -11,17 +11,20 @@ from contract.spec.base import Metric, _Strict
 
 # Curves whose value rises with quality, so a stop step can be chosen on them. FID compares
 # models (lower is better, unbounded) and is reported, not weighted.
-SELECTABLE_METRICS = ("similarity", "aesthetics", "diversity", "clip_t", "in_domain")
+SELECTABLE_METRICS = ("similarity", "aesthetics", "diversity", "clip_t", "in_domain", "identity")
 
 # Min–max ranges; scores are clipped to [0, 1] after scaling. Similarity, aesthetics (the LAION
 # score / 10) and diversity are the portrait study's; clip_t spans what DreamBench reports for
-# CLIP ViT-B/32 to L/14 (about 0.2 to 0.35); in_domain is a rate.
+# CLIP ViT-B/32 to L/14 (about 0.2 to 0.35); in_domain is a rate. identity is 1 − dlib's face
+# distance: its low end is dlib's same-person threshold (distance 0.6; at or below it, scaled 0:
+# another person, or no face), its high end distance 0.3, half the threshold: a clear match.
 STUDY_RANGES: dict[str, tuple[float, float]] = {
     "similarity": (0.45, 0.85),
     "aesthetics": (0.3, 0.7),
     "diversity": (0.5, 0.75),
     "clip_t": (0.2, 0.35),
     "in_domain": (0.0, 1.0),
+    "identity": (0.4, 0.7),
 }
 STUDY_WEIGHTS: dict[str, float] = {"similarity": 1.0, "aesthetics": 1.0, "diversity": 0.5}
 

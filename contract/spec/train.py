@@ -223,7 +223,9 @@ class TrainSpec(_Strict):
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     """Micro-batches per optimizer step."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Precision of the frozen weights and forward passes; trained weights stay fp32."""
+    """Precision of the frozen weights and forward passes; trained weights stay fp32. fp16 needs
+    a GPU (Accelerate autocasts and scales fp16 only there): refused on a machine without one;
+    bf16 runs on CPUs too."""
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     """`adamw8bit` is bitsandbytes' 8-bit AdamW (its states take a quarter of the memory)."""
     adam_weight_decay: float = Field(default=1e-2, ge=0)

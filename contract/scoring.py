@@ -1,4 +1,6 @@
-"""Scaled, weighted scores over the step grid, and the best step. Pure functions on histories."""
+"""Scaled, weighted scores over the step grid, the best step and collapse: pure functions on
+histories, defined once for every stage that ranks steps. The worker ranks them online (early
+stopping, which checkpoints retention keeps), `dreamsweep select` and the report afterwards."""
 
 from __future__ import annotations
 
