@@ -113,10 +113,14 @@ class PruningStopper:
             eval_every=study_trial.eval_every,
             max_steps=study_trial.max_steps,
         )
-        study = optuna.load_study(study_name=study_trial.study, storage=storage, pruner=pruner)
+        # Optuna's public storage API, not a hand-built `optuna.trial.Trial` (its docs say not
+        # to construct one): the value goes to the storage, the pruner judges the stored trial.
+        self.storage, self.pruner = storage, pruner
+        self.study = optuna.load_study(study_name=study_trial.study, storage=storage, pruner=pruner)
         study_id = storage.get_study_id_from_name(study_trial.study)
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, study_trial.number)
-        self.trial = optuna.trial.Trial(study, trial_id)
+        self.trial_id = storage.get_trial_id_from_study_id_trial_number(
+            study_id, study_trial.number
+        )
         self.study_trial, self.selection, self.measured = study_trial, selection, measured
         self.on_prune = on_prune
 
@@ -124,9 +128,10 @@ class PruningStopper:
         score = step_score(self.selection, self.measured, metrics)
         if score is None:
             return None
-        # A resumed trial reports its steps again: Optuna keeps the first value of a step.
-        self.trial.report(score, step)
-        if step == 0 or not self.trial.should_prune():
+        # A resumed trial reports its steps again: the first value of a step is kept.
+        if step not in self.storage.get_trial(self.trial_id).intermediate_values:
+            self.storage.set_trial_intermediate_value(self.trial_id, step, score)
+        if step == 0 or not self.pruner.prune(self.study, self.storage.get_trial(self.trial_id)):
             return None
         self.on_prune(step)
         kind = self.study_trial.pruner["kind"]

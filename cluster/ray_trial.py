@@ -57,6 +57,24 @@ def step_score(trial: TrialConfig, metrics: dict[str, float]) -> float | None:
     return weighted_scores(histories, weights, trial.selection.ranges).get(0)
 
 
+def tune_result(
+    trial: TrialConfig, step: int, metrics: dict[str, float], best: float | None
+) -> tuple[dict[str, Any], float | None]:
+    """What Tune gets for an evaluated step, and the trial's best trained score after it.
+
+    Step 0 (the base model, the same for every trial of a group) is reported with its `score`,
+    where the schedulers' curves start, but is never the best: else every trial worse than the
+    base would tie at its score. Until a trained step is scored, `best_score` holds step 0's
+    score, since Tune wants the searcher's metric in every result; the trial's last result, a
+    trained step, holds the best over its trained steps: what `OptunaSearch` is told."""
+    score = step_score(trial, metrics)
+    if score is None:
+        return {STEP: step, **metrics}, best
+    if step > 0:
+        best = score if best is None else max(best, score)
+    return {STEP: step, **metrics, SCORE: score, BEST_SCORE: score if best is None else best}, best
+
+
 def copy_back(folder: Path, root: Path) -> int | None:
     """Publish the checkpoint in `folder` (a copy from Tune's storage) under `root` when `root`
     holds nothing as recent; returns the step published, or None."""
@@ -116,11 +134,7 @@ def _run(trial: TrialConfig, parent_run_id: str, processes: int, claim: int) -> 
         assert pending is not None
         step, metrics = pending
         pending = None
-        score = step_score(trial, metrics)
-        if score is not None:
-            best = score if best is None else max(best, score)
-        scores = {SCORE: score, BEST_SCORE: best} if score is not None else {}
-        result = {STEP: step, **metrics, **scores}
+        result, best = tune_result(trial, step, metrics, best)
         checkpoint = (
             tune.Checkpoint.from_directory(checkpoint_folder) if checkpoint_folder else None
         )

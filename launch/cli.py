@@ -44,15 +44,19 @@ def _validate(spec: SweepSpec, console: Console, args: argparse.Namespace) -> in
         evaluated = f"steps {', '.join(steps[:-1])} and {steps[-1]}"
     else:
         evaluated = f"steps {steps[0]}, {steps[1]}, …, {steps[-1]} ({len(steps)} evaluations)"
-    console.print(
-        f"{len(trials)} trial{'s' if len(trials) != 1 else ''}; each trains "
-        f"{spec.grid.max_steps} steps, evaluated at {evaluated}. MLflow: {spec.tracking_uri}"
-    )
-    if spec.search.kind == "optuna":  # each trial of the grid above is a group's study
-        console.print(
-            f"Search: {len(trials)} group(s) × {spec.search.n_trials} trials sampled by "
-            f"{spec.search.sampler} over {', '.join(spec.search.space)}, one Optuna study each."
+    if spec.search.kind == "optuna":  # each trial of the grid is a group, with its own study
+        planned = (
+            f"{len(trials)} group{'s' if len(trials) != 1 else ''} × {spec.search.n_trials} "
+            f"sampled trials (search: optuna, {spec.search.sampler})"
         )
+    else:
+        planned = f"{len(trials)} trial{'s' if len(trials) != 1 else ''}"
+    console.print(
+        f"{planned}; each trains {spec.grid.max_steps} steps, evaluated at {evaluated}. "
+        f"MLflow: {spec.tracking_uri}"
+    )
+    if spec.search.kind == "optuna":
+        console.print(f"Sampled over {', '.join(spec.search.space)}, one Optuna study per group.")
     return 0
 
 

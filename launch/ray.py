@@ -67,9 +67,10 @@ def experiment_name(spec: SweepSpec, trials: list[TrialConfig]) -> str:
     return f"{spec.name}-{digest[:10]}"
 
 
-def _scheduler(launcher: RayLauncherSpec, spec: SweepSpec, **ranking: str) -> TrialScheduler:
-    """The spec's scheduler; `ranking`: its own metric and mode, when Tune's config names none
-    (a search, whose searcher ranks on another metric)."""
+def make_scheduler(launcher: RayLauncherSpec, spec: SweepSpec, **ranking: str) -> TrialScheduler:
+    """The spec's Tune scheduler (ASHA, median stopping or FIFO) on the reported `step`;
+    `ranking`: its own metric and mode, when Tune's config names none (a search, whose searcher
+    ranks on another metric)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
     from cluster.ray_trial import STEP
@@ -148,7 +149,7 @@ def run_ray(spec: SweepSpec, *, console: Console | None = None) -> RaySweepOutco
                 tune_config=tune.TuneConfig(
                     metric=SCORE,
                     mode="max",
-                    scheduler=_scheduler(launcher, spec),
+                    scheduler=make_scheduler(launcher, spec),
                     max_concurrent_trials=launcher.max_concurrent_trials,
                     # A stopped trial's actor must end, so its worker ends with it.
                     reuse_actors=False,
@@ -166,7 +167,7 @@ def run_ray(spec: SweepSpec, *, console: Console | None = None) -> RaySweepOutco
         results = tuner.fit()
     finally:
         ray.shutdown()
-    outcome = _close_runs(spec, tracking, parent_run_id, results, trials, skipped, restored)
+    outcome = close_runs(spec, tracking, parent_run_id, results, trials, skipped, restored)
     close_parent_run(tracking, parent_run_id, trials, failed=bool(outcome.failed))
     console.print(
         f"Sweep [bold]{spec.name}[/]: {len(outcome.finished)} trained, "
@@ -181,7 +182,7 @@ def run_ray(spec: SweepSpec, *, console: Console | None = None) -> RaySweepOutco
     return outcome
 
 
-def _close_runs(
+def close_runs(
     spec: SweepSpec,
     tracking: SweepTracking,
     parent_run_id: str,

@@ -11,13 +11,18 @@ group's best params and score to the sweep's parent run.
 
 **Resume.** The studies live in `search/optuna.journal` in the sweep folder (Optuna's journal
 file storage; `search.storage` for an RDB), one driver per study at a time (a file lock). A
-rerun counts every trial the study holds toward `n_trials`; trials it finds RUNNING (their
-driver was killed, or their worker died) are not failed and re-asked but run again under their
-own number and params: the same config, so the same trial id, resumed from its checkpoint into
-its MLflow run (or only told, when MLflow has it finished): no Optuna trial or child run twice.
-The sampler is seeded with `search.seed` plus the number of trials the study already holds, so
-a fresh study samples the same configs with the same seed (and `max_parallel: 1`), and a
-resumed one does not replay the draws of its first run.
+rerun counts every trial the study holds toward `n_trials` (FAIL ones aside); trials it finds
+RUNNING (their driver was killed, or their worker died before recording an error) are not
+failed and re-asked but run again under their own number and params: the same config, so the
+same trial id, resumed from its checkpoint into its MLflow run (or only told, when MLflow has
+it finished): no Optuna trial or child run twice.
+A trial is told from its MLflow run only once the run has ended: FINISHED (complete with its
+score, or PRUNED; FAIL when it has no score) or FAILED with the worker's error (FAIL). A worker
+that exits 0 while its run is still RUNNING (another submission holds the trial's claim) did not
+run it: the driver waits and asks again. FAIL trials do not count toward `n_trials`, so the next
+run samples their replacements. The sampler is seeded with `search.seed` plus the number of
+trials the study already holds, so a fresh study samples the same configs with the same seed
+(and `max_parallel: 1`), and a resumed one does not replay the draws of its first run.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from rich.console import Console
 
 from cluster.cpu_threads import thread_environment
 from cluster.optuna_trial import StudyTrial
-from contract.layout import TAG_PRUNED
+from contract.layout import TAG_ERROR, TAG_PRUNED
 from contract.spec import SweepSpec
 from contract.trial import TrialConfig
 from launch.local import TrialOutcome, report_outcome, run_worker, trial_progress
@@ -89,13 +94,23 @@ class SearchOutcome:
 
 
 def _tell(study: optuna.Study, number: int, run: Run, score: float | None) -> bool:
-    """Tell the study the end of a trial whose run FINISHED; False if there is nothing to say."""
+    """Tell the study the end of a trial from its run; False while the run has not ended.
+
+    FINISHED: pruned (its tag), complete with its score, or failed when it has no score (told
+    FAIL, not asked again forever). FAILED with the worker's error (`dreamsweep.error`): FAIL,
+    so it stops holding the study and the next run samples a replacement. Anything else
+    (RUNNING: a worker still training it, or one killed with its driver) is not an end."""
     from optuna.trial import TrialState
 
-    if TAG_PRUNED in run.data.tags:
-        study.tell(number, state=TrialState.PRUNED)
-    elif score is not None:
-        study.tell(number, score)
+    if run.info.status == "FINISHED":
+        if TAG_PRUNED in run.data.tags:
+            study.tell(number, state=TrialState.PRUNED)
+        elif score is not None:
+            study.tell(number, score)
+        else:
+            study.tell(number, state=TrialState.FAIL)
+    elif run.info.status == "FAILED" and TAG_ERROR in run.data.tags:
+        study.tell(number, state=TrialState.FAIL)
     else:
         return False
     return True
@@ -129,7 +144,9 @@ def drive_study(
         # themselves (same params, same trial id), never re-asked.
         queue = [(t.number, t.params) for t in held if t.state == TrialState.RUNNING]
         assert spec.search.n_trials is not None
-        budget = spec.search.n_trials - len(held)
+        # Failed trials do not count: the budget samples their replacements (on the next run,
+        # so a trial that cannot run fails a bounded number of times, not forever).
+        budget = spec.search.n_trials - sum(t.state != TrialState.FAIL for t in held)
         waiting: list[tuple[int, dict[str, Any]]] = []
         inflight: dict[Future[TrialOutcome], tuple[int, TrialConfig]] = {}
         while queue or budget > 0 or inflight:
@@ -147,9 +164,9 @@ def drive_study(
                     continue
                 run = tracking.trial_runs(parent_run_id).get(trial.trial_id)
                 if run is not None and run.info.status == "FINISHED":
-                    if _tell(study, number, run, run_score(tracking, run, trial)):
-                        outcome.trials.append(trial)
-                        continue
+                    _tell(study, number, run, run_score(tracking, run, trial))
+                    outcome.trials.append(trial)
+                    continue
                 study_trial = StudyTrial(
                     storage=storage_url(spec),
                     study=group.study,
@@ -167,19 +184,27 @@ def drive_study(
                 ended = future.result()
                 on_outcome(ended)
                 queue, waiting = waiting + queue, []
-                if ended.not_run is not None:
+                run = tracking.trial_runs(parent_run_id).get(trial.trial_id)
+                told = run is not None and _tell(
+                    study, number, run, run_score(tracking, run, trial)
+                )
+                if ended.returncode != 0:
+                    # Told FAIL when its run FAILED; left RUNNING (resumed by the next run)
+                    # when the worker died before saying so.
+                    outcome.failed.append(ended)
+                    continue
+                if not told and ended.not_run is None:
+                    # Exit 0 without an ended run: the trial's claim is held elsewhere (a SLURM
+                    # job returns 0 when another submission trains it).
+                    ended.not_run = "its run has not finished: another process holds it"
+                if not told:
                     # Held by a worker that outlived its driver (or by another submission):
                     # asked again until it ends, then told from its run like any other.
                     outcome.not_run.append(ended)
                     time.sleep(CLAIMED_RETRY_S)
                     queue.append((number, study.trials[number].params))
                     continue
-                if ended.returncode != 0:
-                    outcome.failed.append(ended)  # left RUNNING: the next run resumes it
-                    continue
-                run = tracking.trial_runs(parent_run_id).get(trial.trial_id)
-                if run is not None and _tell(study, number, run, run_score(tracking, run, trial)):
-                    outcome.trials.append(trial)
+                outcome.trials.append(trial)
         outcome.best = log_best(spec, tracking, parent_run_id, group, study)
         ended_states = (TrialState.COMPLETE, TrialState.PRUNED)
         outcome.ended = len(study.get_trials(deepcopy=False, states=ended_states))
@@ -255,9 +280,20 @@ def run_search(spec: SweepSpec, *, console: Console | None = None) -> SearchOutc
     with trials(spec, tracking, parent_run_id, console) as (start, on_outcome):
         for group in groups:
             outcomes.append(drive_study(spec, group, tracking, parent_run_id, start, on_outcome))
+    return finish_search(spec, tracking, parent_run_id, outcomes, console)
+
+
+def finish_search(
+    spec: SweepSpec,
+    tracking: SweepTracking,
+    parent_run_id: str,
+    outcomes: list[GroupOutcome],
+    console: Console,
+) -> SearchOutcome:
+    """Close the parent run once every study holds its n_trials (otherwise it stays RUNNING,
+    for the next run), and print each group's line."""
     search = SearchOutcome(outcomes)
     told = [t for g in outcomes for t in g.trials]
-    # FINISHED once every study holds its n_trials; otherwise RUNNING, for the next run.
     if search.failed or all(g.ended >= spec.search.n_trials for g in outcomes):
         close_parent_run(tracking, parent_run_id, told, failed=bool(search.failed))
     print_summary(console, search)

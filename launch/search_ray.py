@@ -24,8 +24,8 @@ from contract.layout import TAG_OPTUNA_STUDY, TAG_OPTUNA_TRIAL, TAG_PRUNED
 from contract.spec import RayLauncherSpec, SweepSpec
 from contract.trial import TrialConfig
 from launch.local import TrialOutcome
-from launch.ray import TrialName, _close_runs, _scheduler
-from launch.search import GroupOutcome, SearchOutcome, print_summary
+from launch.ray import TrialName, close_runs, make_scheduler
+from launch.search import GroupOutcome, SearchOutcome, finish_search
 from launch.search_study import (
     SearchGroup,
     log_best,
@@ -35,7 +35,7 @@ from launch.search_study import (
     search_groups,
     storage_url,
 )
-from launch.sweep_run import close_parent_run, prepare_sweep
+from launch.sweep_run import prepare_sweep
 from tracking.sweep import SweepTracking
 
 
@@ -90,12 +90,25 @@ def run_search_ray(spec: SweepSpec, *, console: Console) -> SearchOutcome:
         outcomes = [_run_group(spec, group, tracking, parent_run_id) for group in groups]
     finally:
         ray.shutdown()
-    search = SearchOutcome(outcomes)
-    told = [t for g in outcomes for t in g.trials]
-    if search.failed or all(g.ended >= spec.search.n_trials for g in outcomes):
-        close_parent_run(tracking, parent_run_id, told, failed=bool(search.failed))
-    print_summary(console, search)
-    return search
+    return finish_search(spec, tracking, parent_run_id, outcomes, console)
+
+
+def samples_left(spec: SweepSpec, group: SearchGroup) -> int:
+    """How many trials a new Tune experiment of the group samples: `n_trials` less those its
+    study already ended (COMPLETE or PRUNED: by an earlier experiment whose folder is gone, or
+    by another launcher). RUNNING ones are not counted (Tune cannot resume another process's
+    Optuna trial), nor FAIL ones (they are replaced), so the study ends with `n_trials`."""
+    import optuna
+
+    from contract.spec.search import open_storage
+
+    assert spec.search.n_trials is not None
+    storage = open_storage(storage_url(spec))
+    if group.study not in optuna.get_all_study_names(storage):
+        return spec.search.n_trials
+    study = optuna.load_study(study_name=group.study, storage=storage)
+    ended = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return max(0, spec.search.n_trials - len(study.get_trials(deepcopy=False, states=ended)))
 
 
 def _run_group(
@@ -123,6 +136,14 @@ def _run_group(
     )
     path = spec.resolved_output_dir / "ray" / group.study
     restored = tune.Tuner.can_restore(str(path))
+    left = samples_left(spec, group)
+    if not restored and left == 0:  # its study is done: nothing to run, only its best to log
+        study = optuna.load_study(study_name=group.study, storage=open_storage(storage_url(spec)))
+        outcome = GroupOutcome(group)
+        outcome.best = log_best(spec, tracking, parent_run_id, group, study)
+        ended = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        outcome.ended = len(study.get_trials(deepcopy=False, states=ended))
+        return outcome
     if restored:
         tuner = tune.Tuner.restore(
             str(path), trainable, resume_unfinished=True, resume_errored=True
@@ -141,8 +162,8 @@ def _run_group(
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_parallel),
-                scheduler=_scheduler(launcher, spec, metric=SCORE, mode="max"),
-                num_samples=spec.search.n_trials,
+                scheduler=make_scheduler(launcher, spec, metric=SCORE, mode="max"),
+                num_samples=left,  # a study re-attached by name keeps what it holds
                 reuse_actors=False,  # a stopped trial's actor must end, so its worker ends too
                 trial_name_creator=name,
                 trial_dirname_creator=name,
@@ -157,7 +178,7 @@ def _run_group(
         )
     results = tuner.fit()
     trials = [sampled_trial(spec, group.base, result.config) for result in results]
-    ray_outcome = _close_runs(
+    ray_outcome = close_runs(
         spec,
         tracking,
         parent_run_id,

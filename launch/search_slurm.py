@@ -24,7 +24,7 @@ from cluster.worker import write_trial_json
 from contract.spec import SlurmLauncherSpec, SweepSpec
 from contract.trial import TrialConfig
 from launch.local import TrialOutcome, report_outcome
-from launch.slurm import read_jobs, slurm_executor, slurm_states, write_jobs
+from launch.slurm import job_record, read_jobs, slurm_executor, slurm_states, write_jobs
 from tracking.sweep import SweepTracking
 
 POLL_S = 2.0
@@ -44,17 +44,18 @@ def slurm_trials(
     executor = slurm_executor(spec)
 
     def start(trial: TrialConfig, optuna_trial: Path) -> Future[TrialOutcome]:
+        live = live_job(read_jobs(spec).get(trial.trial_id))
+        if live is not None:
+            # A job of an earlier driver still runs (or waits for) this trial: its end is this
+            # trial's end. A new job would only find the trial claimed.
+            console.print(f"  {trial.label}: still job {live.job_id}", markup=False)
+            return pool.submit(_wait, trial, live)
         task = TrialTask(
             write_trial_json(trial), parent_run_id, launcher.processes_per_node, optuna_trial
         )
         job = executor.submit(task)
         jobs = read_jobs(spec)
-        jobs[trial.trial_id] = {
-            "job_id": job.job_id,
-            "label": trial.label,
-            "output_dir": str(trial.output_dir),
-            "submitit_folder": str(job.paths.folder),
-        }
+        jobs[trial.trial_id] = job_record(trial, job)
         write_jobs(spec, jobs)
         console.print(f"  {trial.label}: job {job.job_id}", markup=False)
         return pool.submit(_wait, trial, job)
@@ -68,6 +69,15 @@ def slurm_trials(
 
     with ThreadPoolExecutor(max_workers=spec.search.max_parallel) as pool:
         yield start, on_outcome
+
+
+def live_job(record: dict[str, str] | None) -> object | None:
+    """The job of a jobs.json record (`launch.slurm.job_record`) while SLURM still holds it."""
+    import submitit
+
+    if record is None or not slurm_states([record["job_id"]]):
+        return None
+    return submitit.SlurmJob(record["submitit_folder"], record["job_id"])
 
 
 def _wait(trial: TrialConfig, job: object) -> TrialOutcome:

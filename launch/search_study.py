@@ -150,11 +150,14 @@ def open_study(spec: SweepSpec, group: SearchGroup) -> optuna.Study:
 
 
 def run_score(tracking: SweepTracking, run: Run, trial: TrialConfig) -> float | None:
-    """The objective: the trial's best weighted score over its evaluated steps."""
+    """The objective: the trial's best weighted score over its trained steps. Not step 0: it is
+    the base model, the same for every trial of the group, so every trial worse than the base
+    would tie at its score."""
     histories = tracking.histories(run.info.run_id, trial.eval.metrics)
     weights = trial.selection.weights_for(trial.eval.metrics)
     scores = weighted_scores(histories, weights, trial.selection.ranges)
-    return best_step(scores)[1] if scores else None
+    trained = {step: score for step, score in scores.items() if step > 0}
+    return best_step(trained)[1] if trained else None
 
 
 def log_best(

@@ -12,7 +12,7 @@ import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -21,9 +21,22 @@ from contract.spec import SlurmLauncherSpec, SweepSpec
 from contract.trial import TrialConfig
 from launch.sweep_run import prepare_sweep
 
+if TYPE_CHECKING:
+    import submitit
+
 
 def jobs_file(spec: SweepSpec) -> Path:
     return spec.resolved_output_dir / "slurm" / "jobs.json"
+
+
+def job_record(trial: TrialConfig, job: submitit.Job) -> dict[str, str]:
+    """What jobs.json keeps of a trial's job: `status` and `cancel` read it back."""
+    return {
+        "job_id": job.job_id,
+        "label": trial.label,
+        "output_dir": str(trial.output_dir),
+        "submitit_folder": str(job.paths.folder),
+    }
 
 
 def write_jobs(spec: SweepSpec, jobs: dict[str, dict[str, str]]) -> None:
@@ -149,12 +162,7 @@ def submit_slurm(spec: SweepSpec, *, console: Console | None = None) -> Submissi
             handles = [executor.submit(task) for task in tasks]
         for trial, job in zip(to_submit, handles, strict=True):
             submitted[trial.trial_id] = job.job_id
-            jobs[trial.trial_id] = {
-                "job_id": job.job_id,
-                "label": trial.label,
-                "output_dir": str(trial.output_dir),
-                "submitit_folder": str(job.paths.folder),
-            }
+            jobs[trial.trial_id] = job_record(trial, job)
         write_jobs(spec, jobs)
         tracking.client.update_run(parent_run_id, status="RUNNING")
         for trial in to_submit:

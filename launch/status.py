@@ -18,7 +18,7 @@ from pathlib import Path
 from mlflow.entities import Run
 
 from cluster.claims import claim_holder
-from contract.layout import PARAM_OUTPUT_DIR
+from contract.layout import PARAM_OUTPUT_DIR, TAG_OPTUNA_STUDY, TAG_PRUNED
 from contract.spec import SweepSpec
 from launch.grid import expand_grid
 from launch.slurm import SlurmError, read_jobs, slurm_states
@@ -35,6 +35,10 @@ ENDED_UNFINISHED = "ENDED UNFINISHED"
 """Its run was opened but never closed, and nothing trains it: killed before it could say so
 (the next `dreamsweep run` resumes it)."""
 NOT_STARTED = "NOT STARTED"
+PRUNED = "PRUNED@{step}"
+"""A sampled trial its Optuna pruner (or Ray's scheduler, in a search) stopped at that step."""
+STUDY_NOT_STARTED = "NOT STARTED (study)"
+"""A search group whose study has no trial in MLflow yet: its row stands for the whole group."""
 UNKNOWN = "UNKNOWN"
 """MLflow (or SLURM, for a trial with a job) could not be reached and nothing on disk tells."""
 SLURM_RUNNING = {"CONFIGURING", "RUNNING", "COMPLETING", "RESIZING", "SIGNALING", "STAGE_OUT"}
@@ -59,9 +63,9 @@ class TrialStatus:
     label: str
     trial_id: str
     state: str
-    """FINISHED, FAILED or KILLED (its run's outcome), RUNNING (a worker holds its claim, or its
-    SLURM job runs), RUNNING_PER_MLFLOW, QUEUED (SLURM holds its job, not running yet), ENDED
-    UNFINISHED, NOT STARTED or UNKNOWN."""
+    """FINISHED, PRUNED@<step>, FAILED or KILLED (its run's outcome), RUNNING (a worker holds
+    its claim, or its SLURM job runs), RUNNING_PER_MLFLOW, QUEUED (SLURM holds its job, not
+    running yet), ENDED UNFINISHED, NOT STARTED, NOT STARTED (study) or UNKNOWN."""
     last_step: int | None
     """The last step whose loss was logged, to MLflow or to the journal."""
     metrics: dict[str, float]
@@ -95,8 +99,11 @@ def sweep_status(spec: SweepSpec) -> SweepStatus:
     """Each trial's state, last logged step, latest metrics, worker and unsynced writes; with
     SLURM's job and state where the sweep was submitted to SLURM. The grid's trials first, then
     the sweep's other trials in MLflow (sampled by a search, or from an earlier spec), as
-    `select` reads them all. When MLflow or (for a sweep with SLURM jobs) `squeue` does not
-    answer, goes on with what can be read and says why in `mlflow_error` / `slurm_error`."""
+    `select` reads them all. A search (`search.kind: optuna`) never runs its grid's trials (a
+    group's base, the spec's own values): it lists the sampled trials MLflow holds, and one
+    row per group whose study has none yet. When MLflow or (for a sweep with SLURM jobs)
+    `squeue` does not answer, goes on with what can be read and says why in `mlflow_error` /
+    `slurm_error`."""
     jobs = read_jobs(spec)
     slurm_state: dict[str, str] = {}
     slurm_error = None
@@ -121,7 +128,8 @@ def sweep_status(spec: SweepSpec) -> SweepStatus:
             raise
         mlflow_error = f"{spec.tracking_uri} did not answer ({err})"
     metrics = list(spec.eval.metrics)
-    grid = {t.trial_id: (t.label, t.output_dir) for t in expand_grid(spec)}
+    searched = spec.search.kind == "optuna"
+    grid = {} if searched else {t.trial_id: (t.label, t.output_dir) for t in expand_grid(spec)}
     others = {
         trial_id: (run.info.run_name or trial_id, Path(run.data.params[PARAM_OUTPUT_DIR]))
         for trial_id, run in runs.items()
@@ -146,6 +154,8 @@ def sweep_status(spec: SweepSpec) -> SweepStatus:
                 slurm_known=slurm_error is None,
             )
         )
+    if searched and mlflow_error is None:
+        trials += _unstarted_studies(spec, runs)
     return SweepStatus(
         trials=trials,
         slurm=spec.launcher.kind == "slurm" or bool(jobs),
@@ -153,6 +163,28 @@ def sweep_status(spec: SweepSpec) -> SweepStatus:
         slurm_error=slurm_error,
         metrics=metrics,
     )
+
+
+def _unstarted_studies(spec: SweepSpec, runs: dict[str, Run]) -> list[TrialStatus]:
+    """One row per search group none of whose sampled trials has a run yet, named by its
+    group's label and its study."""
+    from launch.search_study import search_groups
+
+    started = {run.data.tags.get(TAG_OPTUNA_STUDY) for run in runs.values()}
+    return [
+        TrialStatus(
+            label=group.base.label,
+            trial_id=group.study,
+            state=STUDY_NOT_STARTED,
+            last_step=None,
+            metrics={},
+            worker=None,
+            unsynced_writes=None,
+            folder=str(spec.resolved_output_dir),
+        )
+        for group in search_groups(spec)
+        if group.study not in started
+    ]
 
 
 def _trial_status(
@@ -180,7 +212,8 @@ def _trial_status(
     if by_slurm is not None:  # SLURM says; its worker is claiming the trial now
         state = by_slurm
     elif outcome == FINISHED:  # a finished trial is never claimed again
-        state = FINISHED
+        pruned_at = run.data.tags.get(TAG_PRUNED) if run is not None else None
+        state = FINISHED if pruned_at is None else PRUNED.format(step=pruned_at)
     elif visible and (worker := claim_holder(folder)) is not None:
         state = RUNNING
     elif outcome not in (None, RUNNING):

@@ -172,7 +172,7 @@ def test_the_mlflow_folder_is_no_package() -> None:
 
 def test_the_contract_imports_without_torch_or_mlflow() -> None:
     """The contract is what every stage (and `dreamsweep validate`) reads first: light."""
-    heavy = ("torch", "mlflow", "diffusers", "transformers", "ray", "submitit")
+    heavy = ("torch", "mlflow", "diffusers", "transformers", "ray", "submitit", "optuna")
     modules = [f"contract.{p.stem}" for p in (REPO / "contract").glob("*.py")] + ["contract.spec"]
     code = (
         f"import sys; import {', '.join(sorted(modules))}; "

@@ -26,7 +26,7 @@ from contract.trial import TrialConfig
 from launch.cli import main
 from launch.grid import expand_grid
 from launch.status import RUNNING_PER_MLFLOW, slurm_trial_state
-from tracking.journal import JOURNAL_FILE, JournaledWriter
+from tracking.journal import HTTP_DEFAULTS, JOURNAL_FILE, JournaledWriter
 from tracking.sweep import SweepTracking
 
 # Long enough that a row passes 80 columns: rich cut such rows to "ro…" / "0…" when piped.
@@ -349,3 +349,24 @@ def test_status_without_squeue_warns_and_shows_the_jobs_from_mlflow(
 )
 def test_slurm_job_states_read_as_trial_states(slurm_state: str, trial_state: str | None) -> None:
     assert slurm_trial_state(slurm_state) == trial_state
+
+
+def test_validate_tells_a_search_s_groups_and_sampled_trials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for key, value in HTTP_DEFAULTS.items():  # main() sets them; undone after the test
+        monkeypatch.setenv(key, value)
+    spec_dict = small_spec(tmp_path, grid={"num_images": [2], "seed": [0, 1]})
+    spec_dict["methods"] = {"lora": {}}
+    spec_dict["search"] = {
+        "kind": "optuna",
+        "sampler": "random",
+        "n_trials": 8,
+        "space": {"methods.lora.rank": {"type": "int", "low": 2, "high": 8}},
+    }
+    assert main(["validate", str(write_spec(tmp_path, spec_dict))]) == 0
+    out = capsys.readouterr().out
+    summary = "2 groups × 8 sampled trials (search: optuna, random); each trains 4 steps"
+    assert summary in out, out
+    assert "Sampled over methods.lora.rank, one Optuna study per group." in out
+    assert "1 trial;" not in out and "2 trials;" not in out

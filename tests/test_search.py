@@ -1,44 +1,38 @@
 """Bayesian search (`search.kind: optuna`): the spec's checks, the driver's sampling, resume and
-pruning, and (slow) the search quickstart run for real, killed and rerun.
+pruning (the search run for real, on every launcher: test_search_launchers.py).
 
-The fast tests drive real Optuna studies (journal files) and a real MLflow store; only the
-training is scripted: each trial's curve is a function of its sampled values, logged to its
-MLflow child run as a worker would, so what the driver reads back is what it would read."""
+The tests drive real Optuna studies (journal files) and a real MLflow store; only the training
+is scripted: each trial's curve is a function of its sampled values, logged to its MLflow child
+run as a worker would, so what the driver reads back is what it would read."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import json
 import math
-import os
-import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import REPO, descendants, dreamsweep, small_spec, start_dreamsweep, write_spec
+from conftest import REPO, write_spec
 from mlflow.tracking import MlflowClient
+from search_specs import ONE_METRIC, SPACE, search_spec
 from test_ray import ray_address  # noqa: F401 (the 2-node Ray cluster fixture)
 from test_slurm import slurm_cluster  # noqa: F401 (the dev SLURM cluster fixture)
 
 from cluster.optuna_trial import PruningStopper, StudyTrial
-from contract.layout import TAG_OPTUNA_STUDY, TAG_OPTUNA_TRIAL, TAG_PRUNED, TAG_TRIAL
+from cluster.ray_trial import tune_result
+from contract.layout import TAG_ERROR, TAG_OPTUNA_STUDY, TAG_OPTUNA_TRIAL, TAG_PRUNED, TAG_TRIAL
 from contract.spec import SelectionSpec, SpecError, load_spec, parse_spec
 from contract.spec.search import open_storage
 from contract.trial import TrialConfig
 from launch.local import TrialOutcome
 from launch.search import drive_study
-from launch.search_study import open_study, sampled_trial, search_groups, storage_url
+from launch.search_study import open_study, run_score, search_groups
+from launch.status import sweep_status
 from launch.sweep_run import prepare_sweep
 from selection.search_report import search_section
-
-SPACE = {
-    "methods.lora.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-    "methods.lora.rank": {"type": "int", "low": 2, "high": 8},
-}
-ONE_METRIC = {"weights": {"similarity": 1.0}, "ranges": {"similarity": [0.0, 1.0]}}
+from selection.select import select_sweep
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +40,6 @@ def shared_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One MLflow store for the driver tests (creating one costs seconds); each test's sweep
     has its own name, so its own experiment."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-def search_spec(tmp_path: Path, *, store: str | None = None, **search: object) -> dict:
-    tracking = {"tracking": {"uri": store}, "name": f"search-{tmp_path.name}"} if store else {}
-    return small_spec(
-        tmp_path,
-        **tracking,
-        methods={"lora": {}},
-        eval={"metrics": ["similarity"]},
-        selection=ONE_METRIC,
-        search={"kind": "optuna", "n_trials": 4, "space": SPACE, **search},
-    )
 
 
 def problems_of(tmp_path: Path, spec: dict) -> list[str]:
@@ -133,6 +115,17 @@ def test_a_grid_search_takes_no_optuna_fields(tmp_path: Path) -> None:
     assert problems_of(tmp_path, spec) == [
         "search: ['n_trials'] apply to kind: optuna only (kind is 'grid')"
     ]
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_s_resolved_spec_loads_back(config: Path) -> None:
+    """What `dreamsweep validate` prints (the resolved spec, every field set) is a valid spec."""
+    spec = load_spec(config, check_files=False)
+    resolved = spec.model_dump(mode="json")
+    again = parse_spec(
+        resolved, source=f"{config.name} resolved", base_dir=config.parent, check_files=False
+    )
+    assert again.model_dump(mode="json") == resolved
 
 
 def test_the_search_quickstart_spec_is_valid() -> None:
@@ -268,6 +261,10 @@ def test_the_report_section_shows_each_study_s_history_importances_and_values(
     assert "<td>methods.lora.learning_rate</td>" in section
     assert "<td>methods.lora.rank</td>" in section
     assert (tmp_path / "report" / "search" / f"{group.study}-history.png").stat().st_size > 1000
+    # `select` reads the sampled trials as any others (scripted: no checkpoint to register)
+    selection = select_sweep(spec)
+    assert len({s.run_id for s in selection.trials}) == 6
+    assert max(s.best_score for s in selection.trials) == pytest.approx(best.value)
 
 
 def pruning_stopper(storage: str, pruner: dict, stops: list[int]) -> PruningStopper:
@@ -286,6 +283,56 @@ def feed(stopper: PruningStopper, curve: list[float]) -> dict[int, str | None]:
         if reasons[step] is not None:
             break
     return reasons
+
+
+def test_status_lists_the_sampled_trials_not_the_grid_s_base_trials(
+    tmp_path: Path, shared_store: str
+) -> None:
+    """A search never runs its grid's trials: `status` lists the sampled ones (a pruned one as
+    PRUNED@<step>) and one row for a group whose study has not started."""
+    spec_dict = search_spec(tmp_path, store=shared_store, n_trials=2)
+    spec_dict["grid"]["seed"] = [0, 1]  # two groups; only the first is driven
+    spec = load_spec(write_spec(tmp_path, spec_dict))
+    sweep = prepare_sweep(spec, planned_trials=4)
+    launcher = ScriptedLauncher(sweep.tracking, sweep.parent_run_id)
+    first, second = search_groups(spec)
+    drive_study(spec, first, sweep.tracking, sweep.parent_run_id, launcher, lambda o: None)
+    pruned = sweep.tracking.trial_runs(sweep.parent_run_id)[launcher.started[0]]
+    sweep.tracking.client.set_tag(pruned.info.run_id, TAG_PRUNED, "2")  # as the worker tags it
+
+    rows = {row.trial_id: row for row in sweep_status(spec).trials}
+    assert set(rows) == {*launcher.started, second.study}
+    assert first.base.trial_id not in rows and second.base.trial_id not in rows
+    assert [rows[t].state for t in launcher.started] == ["PRUNED@2", "FINISHED"]
+    assert rows[second.study].state == "NOT STARTED (study)"
+    assert rows[second.study].label == second.base.label
+
+
+def test_the_objective_is_the_best_trained_step_not_the_base_model(
+    tmp_path: Path, shared_store: str
+) -> None:
+    """Step 0 is the untrained base model, the same for every trial of a group: a curve whose
+    step 0 is highest is told its best after step 0, by the driver (read from MLflow) and on
+    Ray (the `best_score` Tune's OptunaSearch gets)."""
+    spec = load_spec(write_spec(tmp_path, search_spec(tmp_path, store=shared_store)))
+    sweep = prepare_sweep(spec, planned_trials=1)
+    (group,) = search_groups(spec)
+    trial = group.base
+    assert trial.eval_steps == [0, 2, 4]
+    curve = {0: 0.9, 2: 0.5, 4: 0.3}
+    run_id = sweep.tracking.trial_run(sweep.parent_run_id, trial)
+    for step, value in curve.items():
+        sweep.tracking.client.log_metric(run_id, "similarity", value, step=step)
+    run = sweep.tracking.client.get_run(run_id)
+    assert run_score(sweep.tracking, run, trial) == pytest.approx(0.5)
+
+    best, reported = None, []
+    for step, value in curve.items():
+        result, best = tune_result(trial, step, {"similarity": value}, best)
+        reported += [result["step"], result["score"], result["best_score"]]
+    # step 0's score stands in for best_score until a trained step is scored (Tune wants the
+    # searcher's metric in every result); the score curve the schedulers rank is unchanged
+    assert reported == pytest.approx([0, 0.9, 0.9, 2, 0.5, 0.5, 4, 0.3, 0.5])
 
 
 @pytest.mark.parametrize(
@@ -333,207 +380,109 @@ def test_the_pruner_stops_scripted_curves_at_the_step_it_should(
     assert study.trials[-1].intermediate_values == dict(zip(reasons, curve, strict=False))
 
 
-@pytest.mark.slow
-def test_a_pruned_trial_stops_at_its_evaluated_step_with_checkpoint_and_tag(
-    tmp_path: Path,
-) -> None:
-    """A real trial in a study whose two earlier (scripted) trials scored 1.0 at every step:
-    the median pruner, past its 3 warm-up steps, stops it at step 4 through the loop's
-    early-stop path."""
-    from rich.console import Console
+class UnendedRunsLauncher(ScriptedLauncher):
+    """A ScriptedLauncher whose first start of each trial sees the trial as a worker that did
+    not run it sees it: another submission holds its claim and is still training (its run
+    RUNNING with a partial curve) and the worker exits 0. The next start trains it."""
 
-    from launch.search import run_search
-    from launch.search_study import optuna_distributions
+    def __init__(self, tracking, parent_run_id: str) -> None:
+        super().__init__(tracking, parent_run_id)
+        self.trials: dict[str, TrialConfig] = {}
 
-    spec_dict = search_spec(
-        tmp_path,
-        n_trials=3,
-        pruner={"kind": "median", "n_startup_trials": 2, "n_warmup_steps": 3},
-    )
-    spec_dict["grid"]["max_steps"] = 6
-    spec = load_spec(write_spec(tmp_path, spec_dict))
-    (group,) = search_groups(spec)
-    study = open_study(spec, group)
-    for learning_rate, rank in ((1e-3, 4), (2e-3, 6)):
-        study.add_trial(
-            optuna.trial.create_trial(
-                params={"methods.lora.learning_rate": learning_rate, "methods.lora.rank": rank},
-                distributions=optuna_distributions(group.space),
-                value=1.0,
-                intermediate_values={step: 1.0 for step in (0, 2, 4, 6)},
-            )
+    def _run(self, trial: TrialConfig, optuna_trial: Path) -> TrialOutcome:
+        if trial.trial_id in self.trials:
+            return super()._run(trial, optuna_trial)
+        self.trials[trial.trial_id] = trial
+        run_id = self.tracking.trial_run(self.parent_run_id, trial)
+        step = trial.eval_steps[1]
+        self.tracking.client.log_metric(
+            run_id, "similarity", scripted_score(trial, step), step=step
         )
-    outcome = run_search(spec, console=Console(width=200, record=True))
-    assert not outcome.failed, outcome.failed[0].log_tail
-    (trial,) = outcome.groups[0].trials
-
-    sweep = prepare_sweep(spec)
-    client = sweep.tracking.client
-    run = sweep.tracking.trial_runs(sweep.parent_run_id)[trial.trial_id]
-    tags = run.data.tags
-    assert run.info.status == "FINISHED"
-    assert tags[TAG_PRUNED] == "4" and tags["dreamsweep.early_stop.step"] == "4"
-    assert "pruned by Optuna's median pruner at step 4" in tags["dreamsweep.early_stop.reason"]
-    assert tags[TAG_OPTUNA_STUDY] == group.study and tags[TAG_OPTUNA_TRIAL] == "2"
-    assert "dreamsweep.checkpoint.step_000004" in tags
-    assert "dreamsweep.checkpoint.step_000006" not in tags
-    assert (trial.output_dir / "checkpoints" / "step_000004" / "COMPLETE").is_file()
-    assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == 4
-    pruned = open_study(spec, group).trials[2]
-    assert pruned.state == optuna.trial.TrialState.PRUNED
-    assert sorted(pruned.intermediate_values) == [0, 2, 4]
+        return TrialOutcome(trial, 0, trial.output_dir / "worker.log", [])
 
 
-def study_states(journal: Path, study: str) -> list[str]:
-    """The states of the study's trials, read from its journal while a driver writes it."""
-    if not journal.exists():
-        return []
-    try:
-        loaded = optuna.load_study(study_name=study, storage=open_storage(str(journal)))
-    except KeyError:  # the driver has not created it yet
-        return []
-    return [t.state.name for t in loaded.get_trials(deepcopy=False)]
-
-
-@pytest.mark.slow
-def test_the_search_quickstart_killed_mid_study_and_rerun_ends_with_n_trials(
-    tmp_path: Path,
-) -> None:
-    """configs/search_quickstart.yaml for real: the driver is killed (-9) once 3 trials are
-    told and others run (its workers die of it, or finish on their own); the rerun finishes
-    exactly the missing ones: 8 Optuna trials, 8 child runs with distinct ids and sampled
-    values, the parent has the best, and `select` and `report` work on them (the report with
-    its search section)."""
-    import signal
-    import threading
-    import time
-
-    shutil.copytree(REPO / "configs", tmp_path / "configs")
-    relative = "configs/search_quickstart.yaml"
-    spec = load_spec(tmp_path / relative)
+def drive_with(launcher_class, spec_path: Path) -> tuple[ScriptedLauncher, object]:
+    spec = load_spec(spec_path)
+    sweep = prepare_sweep(spec, planned_trials=spec.search.n_trials)
+    launcher = launcher_class(sweep.tracking, sweep.parent_run_id)
     (group,) = search_groups(spec)
-    journal = Path(storage_url(spec))
-
-    driver = start_dreamsweep("run", relative, cwd=tmp_path)
-    output: list[str] = []
-    reader = threading.Thread(target=lambda: output.extend(driver.stdout), daemon=True)
-    reader.start()  # a full pipe would block the driver
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and driver.poll() is None:
-        states = study_states(journal, group.study)
-        if len([s for s in states if s != "RUNNING"]) >= 3 and "RUNNING" in states:
-            break
-        time.sleep(0.5)
-    assert driver.poll() is None, "".join(output)
-    # The driver alone is killed; its workers are listed first (stopped, it starts none
-    # meanwhile), so that whatever of them outlives the rerun is ended by the test.
-    os.kill(driver.pid, signal.SIGSTOP)
-    time.sleep(1)
-    workers = descendants(driver.pid)
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
-    left = study_states(journal, group.study)
-    assert "RUNNING" in left and len(left) < 8, left
-    try:
-        rerun = dreamsweep("run", relative, cwd=tmp_path)
-    finally:
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    study = optuna.load_study(study_name=group.study, storage=open_storage(str(journal)))
-    assert len(study.trials) == 8
-    assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
-    client = MlflowClient(tracking_uri=spec.tracking_uri)
-    experiment = client.get_experiment_by_name(spec.experiment_name)
-    runs = client.search_runs([experiment.experiment_id], "tags.`dreamsweep.role` = 'trial'")
-    ids = [r.data.tags[TAG_TRIAL] for r in runs]
-    assert len(ids) == len(set(ids)) == 8
-    assert {r.info.status for r in runs} == {"FINISHED"}
-    sampled = {(r.data.params["learning_rate"], r.data.params["method.rank"]) for r in runs}
-    assert len(sampled) == 8
-    assert sorted(int(r.data.tags[TAG_OPTUNA_TRIAL]) for r in runs) == list(range(8))
-    best = study.best_trial
-    parent = client.get_run(prepare_sweep(spec).parent_run_id)
-    assert parent.info.status == "FINISHED"
-    tag = f"dreamsweep.search.{group.study}.best."
-    assert parent.data.tags[tag + "trial_id"] == best.user_attrs["trial_id"]
-    assert float(parent.data.tags[tag + "methods.lora.learning_rate"]) == pytest.approx(
-        best.params["methods.lora.learning_rate"]
+    outcome = drive_study(
+        spec, group, sweep.tracking, sweep.parent_run_id, launcher, lambda o: None
     )
-    assert parent.data.metrics[f"search.{group.study}.best_score"] == pytest.approx(best.value)
-
-    select = dreamsweep("select", relative, cwd=tmp_path)
-    assert select.returncode == 0, select.stdout + select.stderr
-    report = dreamsweep("report", relative, cwd=tmp_path)
-    assert report.returncode == 0, report.stdout + report.stderr
-    page = (spec.resolved_output_dir / "report" / "report.html").read_text(encoding="utf-8")
-    assert '<section id="search">' in page and f"<h3>{group.study}</h3>" in page
+    return launcher, outcome
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("slurm_cluster")
-def test_a_search_on_slurm_submits_each_asked_trial_as_a_job(tmp_path: Path) -> None:
-    """The driver asks and tells, the asked trials run as SLURM jobs (2 at a time on the
-    2-node dev cluster), each worker reporting to the study from its node."""
-    spec_dict = search_spec(tmp_path, n_trials=2, max_parallel=2, pruner="median")
-    spec_dict["launcher"] = {"kind": "slurm", "time_min": 30}
-    spec_path = write_spec(tmp_path, spec_dict)
-    done = dreamsweep("run", spec_path.name, cwd=tmp_path)
-    assert done.returncode == 0, done.stdout + done.stderr
+def test_a_trial_whose_run_is_still_running_after_exit_0_is_run_again_not_told(
+    tmp_path: Path, shared_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("launch.search.CLAIMED_RETRY_S", 0.0)
+    spec_path = write_spec(tmp_path, search_spec(tmp_path, store=shared_store, n_trials=2))
+    launcher, outcome = drive_with(UnendedRunsLauncher, spec_path)
+    assert len(outcome.not_run) == 2 and len(launcher.started) == 4  # each started twice
+    spec = load_spec(spec_path)
+    study = open_study(spec, search_groups(spec)[0])
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    for optuna_trial in study.trials:  # told the full curve's best, not the partial one's
+        trial = launcher.trials[optuna_trial.user_attrs["trial_id"]]
+        assert optuna_trial.value == pytest.approx(scripted_score(trial, trial.max_steps))
+
+
+class FailingLauncher(ScriptedLauncher):
+    """Its first trial's worker fails (run FAILED with the worker's error), its second is
+    killed (exit 137, run left RUNNING, no error), its third finishes without a score; the
+    rest train."""
+
+    def _run(self, trial: TrialConfig, optuna_trial: Path) -> TrialOutcome:
+        start = self.started.index(trial.trial_id)
+        if start > 2 or self.started.count(trial.trial_id) > 1:
+            return super()._run(trial, optuna_trial)
+        client = self.tracking.client
+        run_id = self.tracking.trial_run(self.parent_run_id, trial)
+        if start == 0:
+            client.set_tag(run_id, TAG_ERROR, "CUDA out of memory")
+            client.set_terminated(run_id, "FAILED")
+            return TrialOutcome(trial, 1, trial.output_dir / "worker.log", ["OOM"])
+        if start == 1:
+            return TrialOutcome(trial, 137, trial.output_dir / "worker.log", ["killed"])
+        client.set_terminated(run_id, "FINISHED")  # no metric logged: no score
+        return TrialOutcome(trial, 0, trial.output_dir / "worker.log", [])
+
+
+def test_failed_and_scoreless_trials_are_told_fail_and_replaced_killed_ones_resumed(
+    tmp_path: Path, shared_store: str
+) -> None:
+    spec_path = write_spec(tmp_path, search_spec(tmp_path, store=shared_store, n_trials=4))
+    first, outcome = drive_with(FailingLauncher, spec_path)
+    assert len(outcome.failed) == 2
     spec = load_spec(spec_path)
     (group,) = search_groups(spec)
-    study = optuna.load_study(study_name=group.study, storage=open_storage(storage_url(spec)))
-    assert len(study.trials) == 2
-    assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
-    assert all(0 in t.intermediate_values for t in study.trials)  # reported from the nodes
-    jobs = json.loads((spec.resolved_output_dir / "slurm" / "jobs.json").read_text())
-    assert len(jobs) == 2 and done.stdout.count(": job ") == 2
-    client = MlflowClient(tracking_uri=spec.tracking_uri)
-    experiment = client.get_experiment_by_name(spec.experiment_name)
-    runs = client.search_runs([experiment.experiment_id], "tags.`dreamsweep.role` = 'trial'")
-    assert {r.data.tags[TAG_TRIAL] for r in runs} == set(jobs)
-    assert {r.info.status for r in runs} == {"FINISHED"}
-    assert sorted(int(r.data.tags[TAG_OPTUNA_TRIAL]) for r in runs) == [0, 1]
-    for trial_id in jobs:
-        assert (Path(jobs[trial_id]["output_dir"]) / "worker-node0.log").is_file()
+    study = open_study(spec, group)
+    assert [t.state.name for t in study.trials] == ["FAIL", "RUNNING", "FAIL", "COMPLETE"]
+
+    second, _ = drive(spec_path)  # trains the killed one and two replacements
+    assert second.started[0] == first.started[1]
+    assert not {first.started[0], first.started[2]} & set(second.started)
+    assert len(second.started) == 3
+    study = open_study(spec, group)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "FAIL"] + ["COMPLETE"] * 3
 
 
-@pytest.mark.slow
-def test_a_search_on_ray_runs_through_optuna_search_with_asha(
-    ray_address: str,  # noqa: F811 (the fixture imported above)
+def test_a_ray_experiment_re_attached_to_its_study_samples_only_the_missing_trials(
     tmp_path: Path,
 ) -> None:
-    """Tune's OptunaSearch asks, ASHA ranks the current score; the searcher's study is the
-    journal one the other launchers use, and each sampled trial is an ordinary child run."""
-    from rich.console import Console
+    from launch.search_ray import samples_left
 
-    from launch.search import run_search
-
-    spec_dict = search_spec(tmp_path, n_trials=3, max_parallel=2)
-    spec_dict["launcher"] = {
-        "kind": "ray",
-        "address": ray_address,
-        "cpus_per_trial": 1,
-        "scheduler": {"kind": "asha", "grace_period": 2, "reduction_factor": 2},
-    }
-    spec = load_spec(write_spec(tmp_path, spec_dict))
-    outcome = run_search(spec, console=Console(width=200))
-    assert not outcome.failed, outcome.failed[0].log_tail
+    spec = load_spec(write_spec(tmp_path, search_spec(tmp_path, n_trials=5)))
     (group,) = search_groups(spec)
-    study = optuna.load_study(study_name=group.study, storage=open_storage(storage_url(spec)))
-    assert len(study.trials) == 3 and {t.state.name for t in study.trials} == {"COMPLETE"}
-    client = MlflowClient(tracking_uri=spec.tracking_uri)
-    experiment = client.get_experiment_by_name(spec.experiment_name)
-    runs = client.search_runs([experiment.experiment_id], "tags.`dreamsweep.role` = 'trial'")
-    assert {r.info.status for r in runs} == {"FINISHED"}
-    assert {r.data.tags[TAG_TRIAL] for r in runs} == {
-        sampled_trial(spec, group.base, t.params).trial_id for t in study.trials
-    }
-    assert sorted(int(r.data.tags[TAG_OPTUNA_TRIAL]) for r in runs) == [0, 1, 2]
-    assert {r.data.tags[TAG_OPTUNA_STUDY] for r in runs} == {group.study}
-    parent = client.get_run(prepare_sweep(spec).parent_run_id)
-    best = study.best_trial
-    best_id = sampled_trial(spec, group.base, best.params).trial_id
-    assert parent.data.tags[f"dreamsweep.search.{group.study}.best.trial_id"] == best_id
-    assert parent.info.status == "FINISHED"
+    assert samples_left(spec, group) == 5  # no study yet
+    study = open_study(spec, group)
+    for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "COMPLETE"):
+        number = study.ask().number
+        if state == "COMPLETE":
+            study.tell(number, 0.5)
+        elif state != "RUNNING":
+            study.tell(number, state=optuna.trial.TrialState[state])
+    assert samples_left(spec, group) == 2  # three ended: COMPLETE, PRUNED, COMPLETE
+    study.tell(study.ask().number, 0.7)
+    study.tell(study.ask().number, 0.8)
+    assert samples_left(spec, group) == 0

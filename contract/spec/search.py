@@ -133,7 +133,14 @@ class SearchSpec(_Strict):
     def problems(self) -> list[str]:
         """What the section lacks or has too much of for its kind."""
         if self.kind == "grid":
-            given = sorted(self.model_fields_set - {"kind"})
+            # Only fields that differ from their defaults: a resolved spec (what `validate`
+            # prints) sets every field, and must load back.
+            defaults = SearchSpec()
+            given = sorted(
+                name
+                for name in self.model_fields_set - {"kind"}
+                if getattr(self, name) != getattr(defaults, name)
+            )
             return [f"search: {given} apply to kind: optuna only (kind is 'grid')"] if given else []
         problems = []
         if self.n_trials is None:
@@ -248,7 +255,9 @@ def search_problems(
         problems += _kind_problems(where, fields[path], distribution)
         prefix, name = path.rsplit(".", 1)
         section = sections[prefix]
-        if name == LIST_AXIS and name in section.model_fields_set:
+        # A list left at its default (as a resolved spec writes it) is no grid axis of the user's.
+        default = type(section).model_fields[name].get_default(call_default_factory=True)
+        if name == LIST_AXIS and getattr(section, name) != default:
             problems.append(
                 f"{where}: {path} is also a grid axis in the spec "
                 f"({getattr(section, name)}); a searched field takes its values from the "

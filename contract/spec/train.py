@@ -6,7 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from contract.spec.base import SAFE_NAME, _check_slots, _resolve, _Strict
 
@@ -158,6 +165,11 @@ class MethodsSpec(_Strict):
         if not self.enabled:
             raise ValueError(f"name at least one method; allowed: {', '.join(METHOD_OPTIONS)}")
         return self
+
+    @model_serializer(mode="wrap")
+    def _only_chosen(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A method left out is not written as `name: null`: in YAML that chooses it.
+        return {name: options for name, options in handler(self).items() if options is not None}
 
     @property
     def enabled(self) -> list[tuple[Method, MethodOptions]]:
