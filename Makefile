@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # plain `torch` (asked for directly or by another package) pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install install-test browser postgresql quickstart test lint clean
+.PHONY: install install-test browser postgresql quickstart inference-quickstart test lint clean toyworld
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,18 @@ quickstart: install
 	$(VENV)/bin/dreamsweep run configs/quickstart.yaml
 	$(VENV)/bin/dreamsweep select configs/quickstart.yaml
 	$(VENV)/bin/dreamsweep report configs/quickstart.yaml
+
+# The inference study compares `tiny` with the quickstart's registered best LoRA: the quickstart
+# runs first (a finished quickstart trains nothing again).
+inference-quickstart: quickstart
+	$(VENV)/bin/dreamsweep run configs/inference_quickstart.yaml
+	$(VENV)/bin/dreamsweep report configs/inference_quickstart.yaml
+
+# The toy world's models (toyworld/build.py: VAE, CLIP, UNet, aesthetic head, oracle), deterministic
+# from the seed; rerun after a kill and each stage resumes from its last checkpoint.
+TOYWORLD_OUT ?= /tmp/toyworld-models
+toyworld: install
+	$(PY) -m toyworld.build $(TOYWORLD_OUT)
 
 # The report's browser test drives Debian's Chromium, and the tracking load test a PostgreSQL
 # server started from Debian's binaries (root installs them, as CI has).

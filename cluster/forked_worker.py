@@ -1,15 +1,18 @@
-"""A trial worker forked from a server that imported the worker's code once.
+"""A worker forked from a server that imported the workers' code once.
 
 Importing torch, diffusers, transformers and MLflow costs a fresh worker process about 6 s of
-CPU, more than a small trial's training. The local launcher starts its single-process workers
-from multiprocessing's fork server instead (`forked_worker`), preloaded with `PRELOAD`: each fork
-runs `cluster.trial.main` from the start (reads trial.json, opens its MLflow run, loads the
-model, trains) as a process of its own, killed, reaped and reported by its exit status like any
-other. The server computes nothing, so no thread pool is inherited half-used.
+CPU (20 s on a loaded machine), more than a small trial's training or a small inference shard.
+The local launchers start their single-process workers from multiprocessing's fork server
+instead (`forked_worker`), preloaded with `PRELOAD`: each fork runs its entry module's `main`
+from the start (`cluster.trial`: reads trial.json, opens its MLflow run, loads the model,
+trains; `cluster.inference_shard`: reads shard.json, claims the shard, generates) as a process
+of its own, killed, reaped and reported by its exit status like any other. The server computes
+nothing, so no thread pool is inherited half-used.
 """
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -24,7 +27,9 @@ from typing import Any
 from cluster.worker import WORKER_ENTRY, RunningWorker
 
 PRELOAD = "cluster.worker_imports"
-"""The module the fork server imports when it starts: everything `cluster.trial.main` imports."""
+"""The module the fork server imports when it starts: everything the entries' `main` import."""
+TRIAL_ENTRY = WORKER_ENTRY[-1]
+"""`cluster.trial`: a training trial's worker."""
 
 _FORK_SERVER = multiprocessing.get_context("forkserver")
 # Trials start and end on several threads, and multiprocessing's Process is not thread-safe:
@@ -48,17 +53,26 @@ def _received_fd(passed: Any) -> int:
 
 
 @contextmanager
-def forked_worker(argv: list[str], env: dict[str, str], claim: int) -> Iterator[RunningWorker]:
-    """A single-process worker (`cluster.trial` with arguments `argv`) forked from the fork
-    server, holding the trial's `claim` too. The server (multiprocessing's, one per process that
-    forks workers) imports `PRELOAD` when it starts, so each trial skips the imports; the fork
-    is a process like any other (killed, reaped and reported by its exit status as one)."""
+def forked_worker(
+    argv: list[str], env: dict[str, str], claim: int | None, *, entry: str = TRIAL_ENTRY
+) -> Iterator[RunningWorker]:
+    """A single-process worker (module `entry`'s `main` with arguments `argv`) forked from the
+    fork server, holding the trial's `claim` too (None: the worker claims for itself, as an
+    inference shard does). The server (multiprocessing's, one per process that forks workers)
+    imports `PRELOAD` when it starts, so each worker skips the imports; the fork is a process
+    like any other (killed, reaped and reported by its exit status as one)."""
     read_end, write_end = os.pipe()
     try:
         worker = _FORK_SERVER.Process(
             target=run_forked,
-            args=(argv, env, _PassedFd(write_end), _PassedFd(claim)),
-            name=f"trial {argv[0]}",
+            args=(
+                argv,
+                env,
+                _PassedFd(write_end),
+                None if claim is None else _PassedFd(claim),
+                entry,
+            ),
+            name=f"{entry} {argv[0]}",
         )
         with _FORK_SERVER_LOCK:
             # Process-wide, and read when the server starts (at the first trial): set here
@@ -84,18 +98,23 @@ def forked_worker(argv: list[str], env: dict[str, str], claim: int) -> Iterator[
                 wait()
 
 
-def run_forked(argv: list[str], environment: dict[str, str], output: int, claim: int) -> None:
-    """`cluster.trial.main(argv)` in a forked process: it takes the launcher's environment of
-    now (the server's is that of its start), writes stdout and stderr to `output`, and holds
+def run_forked(
+    argv: list[str],
+    environment: dict[str, str],
+    output: int,
+    claim: int | None,
+    entry: str = TRIAL_ENTRY,
+) -> None:
+    """`<entry>.main(argv)` in a forked process: it takes the launcher's environment of now
+    (the server's is that of its start), writes stdout and stderr to `output`, and holds
     `claim` (the trial's claim, cluster/claims.py) open while it lives. `ps` shows it under the
     command line it would have had as a process of its own."""
     import setproctitle
     import torch
 
-    from cluster.trial import main
-
+    main = importlib.import_module(entry).main
     del claim  # held, not used: the claim lasts while this process or the launcher lives
-    setproctitle.setproctitle(shlex.join([sys.executable, *WORKER_ENTRY, *argv]))
+    setproctitle.setproctitle(shlex.join([sys.executable, "-m", entry, *argv]))
     os.dup2(output, 1)
     os.dup2(output, 2)
     os.close(output)

@@ -1,4 +1,5 @@
-"""The fork server's preload (cluster/forked_worker.py): everything a trial worker imports.
+"""The fork server's preload (cluster/forked_worker.py): everything a trial worker and an
+inference shard's worker import (the shard's add about 15 ms to the trial's).
 
 Imported once, by the server, never by a launcher. Libraries that warn on import (bitsandbytes
 without its optional kernels, transformers without torchvision) are quieted first: the server
@@ -17,8 +18,10 @@ import transformers  # noqa: E402
 transformers.utils.logging.set_verbosity_error()
 
 import cluster.accelerator  # noqa: E402
+import cluster.inference_shard  # noqa: E402
 import cluster.reporters  # noqa: E402
 import cluster.trial  # noqa: E402
+import inference.shard  # noqa: E402, F401
 import selection.stopping  # noqa: E402, F401
 import tracking.journal  # noqa: E402
 import tracking.reporter  # noqa: E402

@@ -57,6 +57,10 @@ PARAM_NUM_IMAGES = "num_images"
 PARAM_OUTPUT_DIR = "output_dir"
 """The trial's folder (checkpoints, worker log, claim, journal)."""
 PARAM_BASE_MODEL = "base_model"
+PARAM_IDENTIFIER = "identifier"
+"""The subject's identifier (DreamBooth, LoRA): an inference study's prompt token."""
+PARAM_PLACEHOLDER_TOKEN = "method.placeholder_token"
+"""Textual inversion's token pattern (`<{subject}>`): formatted with the subject."""
 PARAM_TRIALS = "trials"
 
 # Tags of a registered model version: which trial's step it is, and its score.
@@ -107,6 +111,70 @@ def search_best_file(study: str) -> str:
     return f"search/{study}.json"
 
 
-def registered_model_name(sweep: str, subject: str, method: str) -> str:
-    """The registry's model of a subject × method's best checkpoint."""
-    return f"{sweep}.{subject}.{method}"
+def registered_model_name(
+    sweep: str, subject: str, method: str, base_model: str | None = None
+) -> str:
+    """The registry's model of a subject × method's best checkpoint; with `base_model` (a sweep
+    that compares several), of a subject × method × base model's (`…<method>.<model name>`)."""
+    name = f"{sweep}.{subject}.{method}"
+    return name if base_model is None else f"{name}.{model_short_name(base_model)}"
+
+
+def model_short_name(base_model: str) -> str:
+    """A base model's name in labels and registered model names: a folder's name (a spec's
+    folders are absolute), a hub id with `--` for `/` (MLflow's names allow no `/` or `:`)."""
+    if base_model.startswith("/"):
+        return base_model.rstrip("/").rsplit("/", 1)[-1]
+    return base_model.replace("/", "--").replace(":", "-")
+
+
+# Inference studies (`kind: inference`): one experiment per study, a parent run (role
+# `inference_study`), a child run per combination (model × scheduler × steps × guidance ×
+# negative prompt; role `combination`, tagged with its combination id).
+ROLE_INFERENCE_STUDY = "inference_study"
+ROLE_COMBINATION = "combination"
+TAG_COMBINATION = "dreamsweep.combination_id"
+TAG_PROMPTS_DIGEST = "dreamsweep.prompts_digest"
+"""On a combination's run: the prompt set its metrics are over (`contract.inference.
+prompts_digest`); the same combination over more prompts is another run."""
+PARAM_MODEL = "model"
+"""The model entry's label (`tiny`, a folder's name, `models:/<name>@best`, …)."""
+PARAM_SCHEDULER = "scheduler"
+"""The scheduler entry's `label`, else its `name` as the spec gave it (a short name such as
+`euler_a`, or a diffusers class name); the class is `PARAM_SCHEDULER_CLASS`."""
+PARAM_SCHEDULER_CLASS = "scheduler.class"
+PARAM_SCHEDULER_CONFIG = "scheduler.config"
+"""The scheduler's config overrides (a dict, as text)."""
+PARAM_MODEL_IDENTITY = "model.identity"
+"""`<trial id>@<step>` for a checkpoint, the base model's id otherwise."""
+PARAM_NEGATIVE_PROMPT_TEXT = "negative_prompt_text"
+PARAM_RESOLUTION = "resolution"
+PARAM_DTYPE = "dtype"
+PARAM_SEED = "seed"
+PARAM_INFERENCE_STEPS = "num_inference_steps"
+PARAM_GUIDANCE_SCALE = "guidance_scale"
+PARAM_NEGATIVE_PROMPT = "negative_prompt"
+"""The negative prompt's name in the spec, or `NO_NEGATIVE_PROMPT`."""
+NO_NEGATIVE_PROMPT = "none"
+PARAM_COMBINATIONS = "combinations"
+"""The parent run's number of combinations when it was created (a param never changes: the
+current number is `METRIC_COMBINATIONS`, the current ids `STUDY_COMBINATIONS_FILE`)."""
+METRIC_COMBINATIONS = "combinations"
+"""The parent run's number of combinations of the spec last run (logged each run)."""
+STUDY_COMBINATIONS_FILE = "combinations.json"
+"""The parent run's list of the combination ids of the spec last run: the report keeps only
+these (a changed spec leaves its old combinations' child runs under the same parent)."""
+STUDY_SPEC_FILE = "spec.yaml"
+TAG_MEMORY_SOURCE = f"{TAG_SETUP_PREFIX}peak_memory_source"
+"""`cuda_max_allocated` or `process_peak_rss`: what `METRIC_PEAK_MEMORY_MB` measured."""
+METRIC_SECONDS_PER_IMAGE_MEAN = "timing/seconds_per_image_mean"
+METRIC_SECONDS_PER_IMAGE_P50 = "timing/seconds_per_image_p50"
+METRIC_SECONDS_PER_IMAGE_P90 = "timing/seconds_per_image_p90"
+METRIC_DENOISER_ITERATIONS_PER_SECOND = "timing/denoiser_iterations_per_s"
+"""Denoising steps per second of the denoising loops only: from the denoiser's first call to
+the end of the last step (callback_on_step_end), without text encoding or VAE decoding."""
+METRIC_PEAK_MEMORY_MB = "timing/peak_memory_mb"
+COMBINATION_RECORDS_FILE = f"{RECORDS_DIR}/images.json"
+"""A combination's per-image records (mlflow.load_table's layout): prompt index, image index,
+prompt, `phrase.<slot>` columns, seconds, and each per-image metric."""
+COMBINATION_SAMPLES_FILE = "samples/grid.png"

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from contract.spec import (
     METHOD_OPTIONS,
     EvalSpec,
+    ExportSpec,
     Method,
     MethodOptions,
     SelectionSpec,
@@ -43,6 +44,11 @@ class TrialConfig(BaseModel):
 
     sweep: str
     base_model: str
+    """The base model's id (hub id, resolved folder, or a toy model's name); its own resolution
+    and precision are in `train`."""
+    model_name: str | None = None
+    """The base model's short name when the sweep compares several (it is then in the label);
+    None for a one-model sweep. Not identity: `base_model` is."""
     subject: SubjectSpec
     method: Method
     options: MethodOptions
@@ -58,6 +64,9 @@ class TrialConfig(BaseModel):
     × `launcher.processes_per_node`). Each optimizer step trains on `train.batch_size` ×
     world_size × `train.gradient_accumulation_steps` images, so it is part of the trial's id.
     Its default reads a `trial.json` written before it existed (a requeued job's)."""
+    export: ExportSpec = ExportSpec()
+    """The formats its weights are saved in; not identity (the trajectory is the same). Its
+    default reads a `trial.json` written before it existed."""
     eval: EvalSpec
     selection: SelectionSpec
     """How stop steps are chosen; the trial reads it for early stopping only (not identity)."""
@@ -95,6 +104,8 @@ class TrialConfig(BaseModel):
             "tracking_uri": True,
             "experiment": True,
             "selection": True,
+            "export": True,
+            "model_name": True,
         }
         if self.world_size == 1:
             # A one-process trial hashes as before the world size was part of its identity, so
@@ -128,9 +139,11 @@ class TrialConfig(BaseModel):
 
     @property
     def label(self) -> str:
-        """Short human name: subject/method/n=…/lr=…/seed=…."""
+        """Short human name: subject/method/n=…/lr=…/seed=…, with the base model's name after
+        the method when the sweep compares several (subject/method/model/n=…)."""
+        model = "" if self.model_name is None else f"/{self.model_name}"
         return (
-            f"{self.subject.name}/{self.method}/n={self.num_images}"
+            f"{self.subject.name}/{self.method}{model}/n={self.num_images}"
             f"/lr={self.learning_rate:g}/seed={self.seed}"
         )
 

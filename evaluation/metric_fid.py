@@ -59,8 +59,9 @@ def set_features(trial: TrialContext) -> SetFeatures:
     return _SHARED[trial]
 
 
-class Fid(EvalMetric):
-    name = "fid"
+class SetLevelMetric(EvalMetric):
+    """A distance between the generated set and `eval.fid_reference` on the shared features:
+    what `fid` and `kid` have in common (each says only how it measures the distance)."""
 
     @classmethod
     def needs(cls, trial: TrialContext) -> set[str]:
@@ -69,6 +70,10 @@ class Fid(EvalMetric):
     def __init__(self, trial: TrialContext) -> None:
         super().__init__(trial)
         self.features = set_features(trial)
+
+
+class Fid(SetLevelMetric):
+    name = "fid"
 
     def curve(
         self, generated: GeneratedImages, rows: list[int], per_image: torch.Tensor | None

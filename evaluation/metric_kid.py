@@ -11,22 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from evaluation.context import GeneratedImages, TrialContext
-from evaluation.metric import EvalMetric
-from evaluation.metric_fid import SetFeatures, set_features
+from evaluation.context import GeneratedImages
+from evaluation.metric_fid import SetLevelMetric
 from evaluation.metrics import kernel_inception_distance
 
 
-class Kid(EvalMetric):
+class Kid(SetLevelMetric):
     name = "kid"
-
-    @classmethod
-    def needs(cls, trial: TrialContext) -> set[str]:
-        return SetFeatures.needs(trial)
-
-    def __init__(self, trial: TrialContext) -> None:
-        super().__init__(trial)
-        self.features = set_features(trial)
 
     def curve(
         self, generated: GeneratedImages, rows: list[int], per_image: torch.Tensor | None

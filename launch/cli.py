@@ -10,7 +10,13 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from contract.spec import SELECTABLE_METRICS, SpecError, SweepSpec, load_spec
+from contract.spec import (
+    SELECTABLE_METRICS,
+    InferenceSpec,
+    SpecError,
+    SweepSpec,
+    load_any_spec,
+)
 from launch.output import (
     FORMATS,
     emit,
@@ -25,6 +31,7 @@ from launch.preflight import (
     missing_device,
     missing_downloads,
     missing_packages,
+    model_warnings,
     network_warnings,
     tracking_warnings,
 )
@@ -37,7 +44,8 @@ def _validate(spec: SweepSpec, console: Console, args: argparse.Namespace) -> in
     resolved = spec.model_dump(mode="json")
     console.print(yaml.safe_dump(resolved, sort_keys=False), markup=False, highlight=False)
     trials = expand_grid(spec)
-    steps = [str(s) for s in range(0, spec.grid.max_steps + 1, spec.grid.eval_every)]
+    # The step grid as the trials have it (every trial of a spec shares it).
+    steps = [str(s) for s in trials[0].eval_steps]
     if len(steps) == 1:
         evaluated = f"step {steps[0]}"
     elif len(steps) <= 4:  # short enough to list every step
@@ -55,6 +63,13 @@ def _validate(spec: SweepSpec, console: Console, args: argparse.Namespace) -> in
         f"{planned}; each trains {spec.grid.max_steps} steps, evaluated at {evaluated}. "
         f"MLflow: {spec.tracking_uri}"
     )
+    if spec.compares_models:  # each model's trials train at its own resolution and precision
+        models = ", ".join(
+            f"{m.id} ({m.family or 'family read once fetched'}, {m.resolution} px, "
+            f"{m.mixed_precision})"
+            for m in spec.base_models
+        )
+        console.print(f"Base models compared: {models}.", markup=False, highlight=False)
     if spec.search.kind == "optuna":
         console.print(f"Sampled over {', '.join(spec.search.space)}, one Optuna study per group.")
     return 0
@@ -296,7 +311,11 @@ def main(argv: list[str] | None = None) -> int:
 
     fail_fast_over_http()  # a dead tracking server is reported in seconds, not minutes
     try:
-        spec = load_spec(args.spec)
+        spec = load_any_spec(args.spec)
+        if isinstance(spec, InferenceSpec):
+            from launch.inference_cli import inference_command
+
+            return inference_command(spec, console, args)
         problems = missing_packages(spec)
         if args.command in ("validate", "run"):
             # select, status, report read a sweep back anywhere
@@ -304,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             raise SpecError(str(args.spec), problems)
         if args.command in ("validate", "run"):
-            warnings = tracking_warnings(spec) + network_warnings(spec)
+            warnings = tracking_warnings(spec) + network_warnings(spec) + model_warnings(spec)
             for warning in warnings + evaluation_warnings(spec):
                 Console(stderr=True, soft_wrap=True).print(f"warning: {warning}", markup=False)
         handler, _ = COMMANDS[args.command]

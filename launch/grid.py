@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+from contract.layout import model_short_name
 from contract.spec import (
     LocalLauncherSpec,
     RayLauncherSpec,
@@ -25,19 +26,24 @@ def world_size(launcher: LocalLauncherSpec | SlurmLauncherSpec | RayLauncherSpec
 
 
 def expand_grid(spec: SweepSpec) -> list[TrialConfig]:
-    """All trials of the spec, in a stable order (subject, method, num_images, lr, seed)."""
+    """All trials of the spec, in a stable order (subject, base model, method, num_images, lr,
+    seed). Each base model's trials train with its resolution and precision."""
     trials = []
     processes = world_size(spec.launcher)
     for subject in spec.subjects:
         files = subject_image_files(subject.images)
-        for method, options in spec.methods.enabled:
+        for model, (method, options) in itertools.product(spec.base_models, spec.methods.enabled):
+            train = spec.train.model_copy(
+                update={"resolution": model.resolution, "mixed_precision": model.mixed_precision}
+            )
             for num_images, learning_rate, seed in itertools.product(
                 spec.grid.num_images, options.learning_rate, spec.grid.seed
             ):
                 chosen = files[:num_images]
                 trial = TrialConfig(
                     sweep=spec.name,
-                    base_model=spec.base_model,
+                    base_model=model.id,
+                    model_name=model_short_name(model.id) if spec.compares_models else None,
                     subject=subject,
                     method=method,
                     options=options,
@@ -46,7 +52,8 @@ def expand_grid(spec: SweepSpec) -> list[TrialConfig]:
                     seed=seed,
                     max_steps=spec.grid.max_steps,
                     eval_every=spec.grid.eval_every,
-                    train=spec.train,
+                    train=train,
+                    export=spec.export,
                     world_size=processes,
                     eval=spec.eval,
                     selection=spec.selection,

@@ -45,7 +45,15 @@ def missing_device(spec: SweepSpec) -> list[str]:
     trains_here = spec.launcher.kind == "local" or (
         spec.launcher.kind == "ray" and spec.launcher.address is None
     )
-    if spec.train.mixed_precision != "fp16" or not trains_here:
+    # Each base model trains at its own precision (its entry's, else train's).
+    fields = [
+        "train.mixed_precision"
+        if entry.mixed_precision is None
+        else f"base_model[{i}].mixed_precision"
+        for i, (entry, model) in enumerate(zip(spec.base_model, spec.base_models, strict=True))
+        if model.mixed_precision == "fp16"
+    ]
+    if not fields or not trains_here:
         return []
     import torch  # only for an fp16 spec: most commands need no torch in this process
 
@@ -53,11 +61,13 @@ def missing_device(spec: SweepSpec) -> list[str]:
 
     accelerator = torch.accelerator.current_accelerator()
     problem = precision_problem(
-        spec.train.mixed_precision,
+        "fp16",
         device_type="cpu" if accelerator is None else accelerator.type,
         where="this machine",
     )
-    return [] if problem is None else [problem]
+    if problem is None:
+        return []
+    return [problem.replace("train.mixed_precision", field, 1) for field in dict.fromkeys(fields)]
 
 
 def face_problems(spec: SweepSpec) -> list[str]:
@@ -109,6 +119,23 @@ def tracking_warnings(spec: SweepSpec) -> list[str]:
             "tracking.uri to it."
         ]
     return []
+
+
+def model_warnings(spec: SweepSpec) -> list[str]:
+    """Hub ids whose trials train at `train.resolution`'s default: a hub model's family (and so
+    its native resolution) is read only once it is downloaded, after the trial ids are made."""
+    if "resolution" in spec.train.model_fields_set:
+        return []
+    one = len(spec.base_model) == 1
+    return [
+        f"{field}: {model.id!r} is a hub id and no resolution is set, so its trials train at "
+        f"train.resolution's default, {spec.train.resolution} px, whatever its family (SD 2.x "
+        f"768-v models are trained at 768, SDXL at 1024); set {field}.resolution or "
+        "train.resolution"
+        for index, model in enumerate(spec.base_model)
+        if model.resolution is None and model.family is None
+        for field in ["base_model" if one else f"base_model[{index}]"]
+    ]
 
 
 def network_warnings(spec: SweepSpec) -> list[str]:

@@ -74,12 +74,18 @@ def sampled_trial(spec: SweepSpec, base: TrialConfig, params: dict[str, Any]) ->
     their paths, validated and expanded like any grid (so its id follows from its config)."""
     data = spec.model_dump()
     data["subjects"] = [s for s in data["subjects"] if s["name"] == base.subject.name]
+    # The group's own base model, as the written spec has it (its resolution and precision
+    # where they differ from train's).
+    models = data["base_model"] if isinstance(data["base_model"], list) else [data["base_model"]]
+    data["base_model"] = next(
+        m for m in models if (m if isinstance(m, str) else m["id"]) == base.base_model
+    )
     data["methods"] = {base.method: data["methods"][base.method]}
     data["methods"][base.method]["learning_rate"] = [base.learning_rate]
     data["grid"] |= {"num_images": [base.num_images], "seed": [base.seed]}
     data["search"] = {}  # the one trial, as a grid
     (trial,) = expand_grid(SweepSpec.model_validate(with_values(data, params)))
-    return trial
+    return trial.model_copy(update={"model_name": base.model_name})  # labelled as its group
 
 
 def optuna_distributions(

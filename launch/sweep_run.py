@@ -54,7 +54,7 @@ def prepare_sweep(spec: SweepSpec, *, planned_trials: int | None = None) -> Prep
             spec.name,
             params={
                 PARAM_TRIALS: str(planned_trials or len(trials)),
-                PARAM_BASE_MODEL: spec.base_model,
+                PARAM_BASE_MODEL: ", ".join(model.id for model in spec.base_model),
             },
         )
     finished = tracking.finished_trials(parent_run_id)

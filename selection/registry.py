@@ -1,10 +1,11 @@
 """The best checkpoint of each subject × method, registered in the MLflow model registry.
 
-One registered model per subject and method (`<sweep>.<subject>.<method>`); each trial offers its
-best step that has a checkpoint on disk (`select` passes over the base model and removed
-checkpoints), scored as that step. The highest-scoring offer becomes a version (tagged with the
-trial, step, score and weights), and the alias `best` points at it, so `models:/<name>@best`
-downloads its checkpoint folder.
+One registered model per subject and method (`<sweep>.<subject>.<method>`; in a sweep that
+compares base models, per base model too: `<sweep>.<subject>.<method>.<model name>`); each
+trial offers its best step that has a checkpoint on disk (`select` passes over the base model
+and removed checkpoints), scored as that step. The highest-scoring offer becomes a version
+(tagged with the trial, step, score and weights), and the alias `best` points at it, so
+`models:/<name>@best` downloads its checkpoint folder.
 Re-running selection with other weights adds versions where the choice changed and moves the
 alias; a (trial, step) already registered is reused, not registered twice.
 """
@@ -42,6 +43,8 @@ class Candidate:
     step: int
     score: float
     checkpoint: str
+    base_model: str | None = None
+    """The trial's base model when the sweep compares several (one registered model each)."""
 
 
 @dataclass(frozen=True)
@@ -98,14 +101,16 @@ def _version_for(client: MlflowClient, name: str, candidate: Candidate) -> str:
 def register_best(
     client: MlflowClient, sweep: str, candidates: list[Candidate], *, weights: dict[str, float]
 ) -> list[Registered]:
-    """Register each subject × method's best candidate and point its `best` alias at it."""
-    groups: dict[tuple[str, str], list[Candidate]] = {}
+    """Register each subject × method's (× base model's, when candidates name one) best
+    candidate and point its `best` alias at it."""
+    groups: dict[tuple[str, str, str], list[Candidate]] = {}
     for candidate in candidates:
-        groups.setdefault((candidate.subject, candidate.method), []).append(candidate)
+        key = (candidate.subject, candidate.method, candidate.base_model or "")
+        groups.setdefault(key, []).append(candidate)
     registered = []
-    for (subject, method), group in sorted(groups.items()):
+    for (subject, method, base_model), group in sorted(groups.items()):
         winner = min(group, key=lambda c: (-c.score, c.label))
-        name = registered_model_name(sweep, subject, method)
+        name = registered_model_name(sweep, subject, method, base_model or None)
         _ensure_model(client, name)
         version = _version_for(client, name, winner)
         client.set_model_version_tag(

@@ -48,6 +48,11 @@ from tracking.sweep import SweepTracking
 RULE_OF_THUMB = 100
 """The portrait study's rule of thumb: about 100 steps per input image (it measured about 120
 for men and 150 for women)."""
+K_HEADER = "k (steps per image)"
+"""The column of the least-squares `steps = k × images` fit per class token (the fit table)."""
+POOLED_K_HEADER = "k (steps per image, all class tokens)"
+"""The same fit over a comparison row's trials, whatever their class tokens (by method, by base
+model): a summary, where the fit table keeps class tokens apart."""
 PAGE = (Path(__file__).with_name("report_page.html")).read_text(encoding="utf-8")
 """The page: the sweep's data is put in place of its `/*DATA*/null`."""
 
@@ -155,7 +160,7 @@ def _curves_png(trial: TrialCurves, spec: SweepSpec, weights: dict[str, float]) 
 
 
 @contextmanager
-def _no_artifact_progress_bars() -> Iterator[None]:
+def no_artifact_progress_bars() -> Iterator[None]:
     """MLflow draws a "Downloading artifacts" bar on stderr for every download, piped or not: one
     per trial here, which buries the report's own output. Off for the report's downloads only."""
     name = MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name
@@ -245,13 +250,14 @@ def comparison_tables(
         for trial, choice in chosen:
             groups.setdefault(str(trial.params.get(param)), []).append((trial, choice))
         tables[table_id] = Table(
-            [title, "trials", "mean best step", "mean score", *metrics],
+            [title, "trials", "mean best step", "mean score", POOLED_K_HEADER, *metrics],
             [
                 [
                     name,
                     len(group),
                     _mean([c[0] for _, c in group]),
                     _mean([c[1] for _, c in group]),
+                    fit_steps_per_image([(t.num_images, c[0]) for t, c in group]),
                     *metric_means(group),
                 ]
                 for name, group in sorted(groups.items())
@@ -275,6 +281,28 @@ def comparison_tables(
     return tables
 
 
+def fit_table(trials: list[TrialCurves], weights: dict[str, float], spec: SweepSpec) -> Table:
+    """The `steps = k × images` fit per class token (and per base model when the trials name
+    several), over the best steps under `weights`, as the page's fit table shows it."""
+    several = len({t.params.get(PARAM_BASE_MODEL) for t in trials}) > 1
+    groups: dict[tuple[str, ...], list[tuple[int, int]]] = {}
+    for trial in trials:
+        choice = choose(trial, weights, spec.selection.ranges)
+        if choice is not None:
+            key = (str(trial.params.get(PARAM_CLASS_TOKEN)),)
+            if several:
+                key += (str(trial.params.get(PARAM_BASE_MODEL)),)
+            groups.setdefault(key, []).append((trial.num_images, choice[0]))
+    header = ["class token", *(["base model"] if several else []), K_HEADER, "trials"]
+    return Table(
+        header,
+        [
+            [*key, fit_steps_per_image(points), len(points)]
+            for key, points in sorted(groups.items())
+        ],
+    )
+
+
 def phrase_table(spec: SweepSpec, trials: list[TrialCurves]) -> Table:
     """Mean of each metric per (slot, phrase) at each trial's best step under the spec's weights,
     over the trials; no rows without per-image records."""
@@ -283,7 +311,7 @@ def phrase_table(spec: SweepSpec, trials: list[TrialCurves]) -> Table:
         return Table(["slot", "phrase"], [])
     tracking = SweepTracking(spec.tracking_uri, spec.experiment_name)
     sums: dict[tuple[str, str, str], list[float]] = {}
-    with _no_artifact_progress_bars():
+    with no_artifact_progress_bars():
         for trial in trials:
             choice = choose(trial, spec.selection_weights, spec.selection.ranges)
             if choice is None:
@@ -314,9 +342,12 @@ CSV_NAMES = {
     "negative": "negative_prompt.csv",
 }
 """The comparison tables written beside the page (the best-step table is best_steps.csv)."""
+FIT_CSV = "fit.csv"
+"""The `steps = k × images` fit per class token (× base model), beside the page."""
 
 
-def _write_csv(path: Path, table: Table) -> None:
+def write_csv(path: Path, table: Table) -> None:
+    """The table as CSV, a missing value (None) as an empty cell."""
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(table.header)
@@ -375,9 +406,10 @@ def build_report(spec: SweepSpec, output: Path) -> Path:
             )
     for table_id, name in CSV_NAMES.items():
         if table_id in tables:
-            _write_csv(output / name, tables[table_id])
+            write_csv(output / name, tables[table_id])
+    write_csv(output / FIT_CSV, fit_table(trials, weights, spec))
     phrases = phrase_table(spec, trials)
-    _write_csv(output / "phrases.csv", phrases)
+    write_csv(output / "phrases.csv", phrases)
 
     data = {
         "sweep": spec.name,

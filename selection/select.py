@@ -18,6 +18,7 @@ from contract.layout import (
     METRIC_BEST_SCORE,
     METRIC_BEST_STEP,
     METRIC_COLLAPSE_STEP,
+    PARAM_BASE_MODEL,
     PARAM_METHOD,
     PARAM_NUM_IMAGES,
     PARAM_SUBJECT,
@@ -166,6 +167,10 @@ def select_sweep(spec: SweepSpec, *, weights: dict[str, float] | None = None) ->
                     label=selection.label,
                     subject=selection.subject,
                     method=selection.method,
+                    # One registered model per base model too when the sweep compares several.
+                    base_model=(
+                        run.data.params.get(PARAM_BASE_MODEL) if spec.compares_models else None
+                    ),
                     step=registrable.step,
                     score=registrable.score,
                     checkpoint=registrable.folder,

@@ -22,6 +22,7 @@ from cluster.cpu_threads import THREAD_VARIABLES
 from cluster.dev_servers import MlflowServer, PostgresServer, free_port  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
+DEV_SLURM = REPO / "cluster" / "dev_slurm.sh"
 QUICKSTART_SUBJECTS = REPO / "configs" / "subjects"
 
 
@@ -409,3 +410,70 @@ def assert_page_shows(shown: list[list[str]], table) -> None:
                 decimals = len(text.partition(".")[2])
                 assert decimals >= 1, (row, expected)
                 assert abs(float(text) - value) <= 0.5 * 10**-decimals + 1e-9, (row, expected)
+
+
+# --- real clusters, one per test session ---------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    """A head node and a second node joining it, each with one CPU: two trials run at once,
+    one per node. One per test session: every module that
+    needs it shares it."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 1, "include_dashboard": False},
+    )
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        yield cluster.address
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A private dev cluster (cluster/dev_slurm.sh) in a temporary folder, which it yields. Its
+    SLURM_CONF is exported to this process and so to every SLURM client the tests and the
+    launcher's `dreamsweep` subprocesses run; dev_slurm.sh refuses to start next to a SLURM it
+    did not start, and nothing outside the folder is touched. One per test session: every
+    module that needs it shares it."""
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root (slurmctld and slurmd run as root)")
+    folder = tmp_path_factory.mktemp("slurm")
+    started = subprocess.run([str(DEV_SLURM), "up", str(folder)], capture_output=True, text=True)
+    assert started.returncode == 0, started.stdout + started.stderr
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(folder / "slurm.conf")
+    try:
+        yield folder
+    finally:
+        cancel_test_jobs()
+        stopped = subprocess.run(
+            [str(DEV_SLURM), "down", str(folder)], capture_output=True, text=True
+        )
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+
+
+def cancel_test_jobs() -> None:
+    """`scancel` the jobs the tests submitted (the launcher names them dreamsweep-<sweep>) that
+    the private cluster still holds, by id."""
+    listed = subprocess.run(
+        ["squeue", "--noheader", "--array", "--format=%i %j"], capture_output=True, text=True
+    )
+    ids = [
+        job
+        for job, _, name in (line.partition(" ") for line in listed.stdout.splitlines())
+        if name.startswith("dreamsweep-")
+    ]
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True)

@@ -37,6 +37,9 @@ TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 def train_with_the_loop(tmp_path: Path, **overrides: object) -> tuple[TrialConfig, Recorder]:
     """The small spec's one trial (`overrides` merged in as `small_spec` merges them), trained
     by the loop in this process for STEPS steps and evaluated only after the last."""
+    # Evaluation is not compared: the least of it (one image, one sampling step, one metric).
+    least = {"images_per_prompt": 1, "num_inference_steps": 1, "metrics": ["similarity"]}
+    overrides["eval"] = {**least, "records": False, **overrides.get("eval", {})}
     spec = small_spec(tmp_path, grid={"max_steps": STEPS, "eval_every": STEPS}, **overrides)
     [trial] = expand_grid(load_spec(write_spec(tmp_path, spec)))
     recorder = Recorder()
@@ -71,6 +74,26 @@ def noised_latents(generator, scheduler, images: list[tuple[torch.Tensor, torch.
     """One row per (mean, std) set (instance, then class), drawn in the order the loop draws
     (trainers/batches.py): an image of each set, then the posterior noise, the added noise and
     the timesteps of all rows."""
+    latents, noise, timesteps = sampled_latents(generator, images)
+    return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
+
+
+def noised_latents_and_target(
+    generator, scheduler, images: list[tuple[torch.Tensor, torch.Tensor]], scaling: float
+):
+    """`noised_latents` with the VAE's `scaling`, and the loss target as the diffusers scripts
+    choose it: the noise for epsilon prediction, the velocity for v-prediction."""
+    latents, noise, timesteps = sampled_latents(generator, images, scaling)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return scheduler.add_noise(latents, noise, timesteps), target, timesteps
+
+
+def sampled_latents(generator, images, scaling: float = 0.18215):
+    """The draws of `noised_latents`: scaled latents sampled from the posteriors, the noise
+    and the timesteps."""
     index = [torch.randint(0, len(mean), (1,), generator=generator) for mean, _ in images]
     rows = len(images)
     eps = torch.randn((rows, 4, 8, 8), generator=generator)
@@ -78,8 +101,7 @@ def noised_latents(generator, scheduler, images: list[tuple[torch.Tensor, torch.
     timesteps = torch.randint(0, 1000, (rows,), generator=generator)
     mean = torch.cat([means[i] for (means, _), i in zip(images, index, strict=True)])
     std = torch.cat([stds[i] for (_, stds), i in zip(images, index, strict=True)])
-    latents = (mean + std * eps) * 0.18215
-    return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
+    return (mean + std * eps) * scaling, noise, timesteps
 
 
 def diffusers_lora_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -145,6 +167,7 @@ def prompt_embeddings(
 def reference_lora_steps(
     trial,
     *,
+    base_model: str = "tiny",
     dtype: torch.dtype = torch.float32,
     rank: int = 4,
     alpha: float = 4.0,
@@ -154,9 +177,10 @@ def reference_lora_steps(
     written out by hand: every base weight frozen in `dtype`; adapters on the UNet's attention,
     then on the text encoder's, drawn from the seeded RNG in that order and upcast to fp32
     (`cast_training_params`); one optimizer over all adapters' weights (the UNet's first); the
-    UNet's forward pass under autocast unless `dtype` is fp32, the loss in fp32. Returns the
+    UNet's forward pass under autocast unless `dtype` is fp32, the loss in fp32 against the
+    noise, or the velocity for a v-prediction model (`base_model` `tiny-sd2`). Returns the
     losses and the model as the steps leave it (in eval mode)."""
-    model = load_base_model("tiny")
+    model = load_base_model(base_model)
     unet, vae, text_encoder = model.unet, model.vae, model.text_encoder
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).to(dtype)
@@ -179,13 +203,66 @@ def reference_lora_steps(
     generator = torch.Generator().manual_seed(trial.seed)
 
     def step_loss() -> torch.Tensor:
-        noisy, noise, timesteps = noised_latents(generator, model.noise_scheduler, [instance])
+        noisy, target, timesteps = noised_latents_and_target(
+            generator, model.noise_scheduler, [instance], vae.config.scaling_factor
+        )
         embedding = prompt()
         with autocast:
             prediction = unet(noisy.to(dtype), timesteps, embedding).sample
-        return F.mse_loss(prediction.float(), noise.float())
+        return F.mse_loss(prediction.float(), target.float())
 
     return optimizer_steps(params, trial.learning_rate, step_loss, training=trained), model
+
+
+def sdxl_prompt_embeddings(model: BaseModel, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """train_dreambooth_lora_sdxl.py's `encode_prompt`: each encoder's penultimate hidden
+    states, concatenated; the pooled output of the last (projected) one."""
+    hidden = []
+    for tokenizer, encoder in (
+        (model.tokenizer, model.text_encoder),
+        (model.tokenizer_2, model.text_encoder_2),
+    ):
+        output = encoder(
+            tokenize(tokenizer, [prompt]), output_hidden_states=True, return_dict=False
+        )
+        pooled = output[0]
+        hidden.append(output[-1][-2])
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def sdxl_time_ids(resolution: int = 64) -> torch.Tensor:
+    """The script's `compute_time_ids`: original size + crop top-left + target size (square
+    crops at the training resolution: the size the pipeline samples at)."""
+    return torch.tensor(
+        [[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32
+    )
+
+
+def reference_sdxl_lora_steps(trial) -> tuple[list[float], BaseModel]:
+    """train_dreambooth_lora_sdxl.py, by hand (fp32, UNet adapters only): the prompt embedded
+    once by both frozen encoders, the UNet called with `added_cond_kwargs` (pooled embedding and
+    time ids). Returns the losses and the model as the steps leave it (in eval mode)."""
+    model = load_base_model("tiny-sdxl")
+    unet, vae = model.unet, model.vae
+    for module in (unet, vae, model.text_encoder, model.text_encoder_2):
+        module.requires_grad_(False)
+    torch.manual_seed(trial.seed)
+    unet.add_adapter(lora_config(UNET_LORA_TARGETS, 4, 4.0))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    instance = encode_each(vae, trial.image_files)
+    with torch.no_grad():
+        hidden, pooled = sdxl_prompt_embeddings(model, INSTANCE_PROMPT)
+    added = {"text_embeds": pooled, "time_ids": sdxl_time_ids()}
+    generator = torch.Generator().manual_seed(trial.seed)
+
+    def step_loss() -> torch.Tensor:
+        noisy, target, timesteps = noised_latents_and_target(
+            generator, model.noise_scheduler, [instance], vae.config.scaling_factor
+        )
+        prediction = unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
+        return F.mse_loss(prediction, target)
+
+    return optimizer_steps(params, trial.learning_rate, step_loss, training=[unet]), model
 
 
 def reference_dreambooth_steps(

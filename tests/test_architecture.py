@@ -36,9 +36,13 @@ FORBIDDEN: dict[str, set[str]] = {
     "contract": set(FOLDERS) - {"contract"},
     # Workers and what they run never reach back into the launchers.
     "cluster": {"launch"},
-    "trainers": {"launch", "cluster", "tracking", "selection"},
-    "evaluation": {"launch", "cluster", "trainers", "tracking", "selection"},
-    "tracking": {"launch", "cluster", "trainers", "selection", "evaluation"},
+    "trainers": {"launch", "cluster", "tracking", "selection", "inference"},
+    "evaluation": {"launch", "cluster", "trainers", "tracking", "selection", "inference"},
+    # Generation for inference studies: on the contract, evaluation and trainers, like trainers.
+    "inference": {"launch", "cluster", "tracking", "selection"},
+    "tracking": {"launch", "cluster", "trainers", "selection", "evaluation", "inference"},
+    # The toy world builds models (on the contract, evaluation and trainers' code), nothing more.
+    "toyworld": {"launch", "cluster", "tracking", "selection", "inference"},
     "selection": {"launch", "trainers", "cluster", "evaluation"},
     "launch": set(),
 }

@@ -72,7 +72,6 @@ def test_trial_ids_follow_content_not_location(tmp_path: Path) -> None:
     assert [t.trial_id for t in expand_grid(load_spec(write_spec(first, reweighted)))] == ids
 
 
-
 def test_a_metrics_settings_count_only_when_it_is_measured_and_weights_by_content(
     tmp_path: Path,
 ) -> None:
@@ -103,6 +102,7 @@ def test_a_metrics_settings_count_only_when_it_is_measured_and_weights_by_conten
     assert [t.trial_id for t in expand_grid(load_spec(write_spec(first, unread[1])))] != dino_ids
     plain = small_spec(first, eval=dino_fid)
     assert [t.trial_id for t in expand_grid(load_spec(write_spec(first, plain)))] == dino_ids
+
 
 def test_trial_config_round_trips_through_json(tmp_path: Path) -> None:
     methods = ["dreambooth", "lora", "textual_inversion"]
@@ -136,3 +136,68 @@ def test_the_quickstart_trials_keep_their_ids() -> None:
         "mug/textual_inversion/n=2/lr=0.005/seed=0": "95ce88f7a45c",
         "mug/textual_inversion/n=4/lr=0.005/seed=0": "5e3bbb7f2d67",
     }
+
+
+def test_base_models_are_a_grid_axis_with_their_own_train_settings(tmp_path: Path) -> None:
+    """A list of models crosses every subject × method (next to the subject); the first
+    model's trials keep the ids they had as the only model, each model trains with its own
+    resolution and precision, and labels name the model once there are several."""
+    one = small_spec(tmp_path, methods=["lora", "textual_inversion"])
+    alone = expand_grid(load_spec(write_spec(tmp_path, one)))
+    models = ["tiny", {"id": "tiny-sdxl", "resolution": 128, "mixed_precision": "bf16"}]
+    spec = load_spec(write_spec(tmp_path, small_spec(tmp_path, **{**one, "base_model": models})))
+    trials = expand_grid(spec)
+    assert [t.label for t in trials] == [
+        f"robot/{method}/{model}/n=2/lr={lr}/seed=0"
+        for model in ("tiny", "tiny-sdxl")
+        for method, lr in (("lora", "0.0001"), ("textual_inversion", "0.0005"))
+    ]
+    assert [t.trial_id for t in trials[:2]] == [t.trial_id for t in alone]
+    assert [t.label for t in alone] == [t.label.replace("/tiny/", "/") for t in trials[:2]]
+    assert len({t.trial_id for t in trials}) == 4
+    assert [(t.base_model, t.train.resolution, t.train.mixed_precision) for t in trials] == [
+        ("tiny", 64, "no"),
+        ("tiny", 64, "no"),
+        ("tiny-sdxl", 128, "bf16"),
+        ("tiny-sdxl", 128, "bf16"),
+    ]
+    # An override equal to train's value is the same trial as no override.
+    same = small_spec(tmp_path, **{**one, "base_model": {"id": "tiny", "resolution": 64}})
+    assert [t.trial_id for t in expand_grid(load_spec(write_spec(tmp_path, same)))] == [
+        t.trial_id for t in alone
+    ]
+
+
+def test_a_search_samples_each_base_model_s_group_as_that_model(tmp_path: Path) -> None:
+    """A sampled trial is its group's: the group's base model, with its own resolution, and
+    labelled as the group."""
+    from launch.search_study import sampled_trial, search_groups
+
+    space = {"methods.lora.rank": {"type": "int", "low": 2, "high": 8}}
+    models = ["tiny", {"id": "tiny-sdxl", "resolution": 128}]
+    spec = small_spec(
+        tmp_path, base_model=models, search={"kind": "optuna", "n_trials": 2, "space": space}
+    )
+    spec = load_spec(write_spec(tmp_path, spec))
+    groups = search_groups(spec)
+    assert [g.base.label for g in groups] == [
+        "robot/lora/tiny/n=2/lr=0.001/seed=0",
+        "robot/lora/tiny-sdxl/n=2/lr=0.001/seed=0",
+    ]
+    for group, resolution in zip(groups, (64, 128), strict=True):
+        trial = sampled_trial(spec, group.base, {"methods.lora.rank": 6})
+        assert (trial.base_model, trial.train.resolution) == (group.base.base_model, resolution)
+        assert (trial.label, trial.options.rank) == (group.base.label, 6)
+        assert trial.trial_id != group.base.trial_id
+
+
+def test_registered_model_names_name_the_base_model_only_when_asked() -> None:
+    """A one-model sweep keeps `<sweep>.<subject>.<method>`; several models add each model's
+    short name, which MLflow accepts (no `/` or `:`)."""
+    from contract.layout import model_short_name, registered_model_name
+
+    assert registered_model_name("s", "robot", "lora") == "s.robot.lora"
+    assert registered_model_name("s", "robot", "lora", "tiny-sdxl") == "s.robot.lora.tiny-sdxl"
+    assert model_short_name("/models/sdxl-base/") == "sdxl-base"
+    hub = registered_model_name("s", "robot", "lora", "stabilityai/stable-diffusion-xl-base-1.0")
+    assert hub == "s.robot.lora.stabilityai--stable-diffusion-xl-base-1.0"

@@ -33,26 +33,6 @@ from contract.spec import load_spec
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_address() -> str:
-    """A head node and a second node joining it, each with one CPU: two trials run at once,
-    one per node."""
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(
-        initialize_head=True,
-        connect=False,
-        head_node_args={"num_cpus": 1, "include_dashboard": False},
-    )
-    try:
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        yield cluster.address
-    finally:
-        cluster.shutdown()
-
-
 def trial_runs(spec_path: Path) -> dict:
     spec = load_spec(spec_path)
     client = MlflowClient(tracking_uri=spec.tracking_uri)

@@ -18,10 +18,14 @@ from reference_steps import (
     encode_each,
     final_checkpoint,
     noised_latents,
+    noised_latents_and_target,
     optimizer_steps,
     reference_dreambooth_steps,
     reference_lora_steps,
+    reference_sdxl_lora_steps,
     saved_unet_lora_weights,
+    sdxl_prompt_embeddings,
+    sdxl_time_ids,
     tokenize,
     train_with_the_loop,
 )
@@ -177,3 +181,94 @@ def test_dreambooth_with_prior_preservation_equals_hand_written_steps(tmp_path: 
         torch.testing.assert_close(trained[key], expected, rtol=1e-5, atol=1e-6)
     changed = [k for k in base if not torch.equal(base[k], trained[k])]
     assert len(changed) > len(base) // 2  # the whole UNet trains, not a few layers
+
+
+def assert_same_unet_lora(trial, expected_unet: torch.nn.Module) -> None:
+    """The checkpoint's diffusers file holds the hand-trained UNet adapters, and they moved."""
+    expected_weights = diffusers_lora_weights(expected_unet)
+    saved = saved_unet_lora_weights(trial)
+    assert saved.keys() == expected_weights.keys()
+    for key, expected in expected_weights.items():
+        torch.testing.assert_close(saved[key], expected, rtol=1e-5, atol=1e-6)
+    assert any("lora.up" in k and v.abs().sum() > 0 for k, v in expected_weights.items())
+
+
+@pytest.mark.slow
+def test_sd2_v_prediction_lora_trains_on_the_velocity(tmp_path: Path, one_thread: None) -> None:
+    """On a v-prediction model the loss target is the velocity (`get_velocity`), as in
+    train_dreambooth_lora.py; predicting the noise instead would give other losses."""
+    trial, recorder = train_with_the_loop(tmp_path, base_model="tiny-sd2")
+    expected_losses, model = reference_lora_steps(trial, base_model="tiny-sd2")
+    assert model.noise_scheduler.config.prediction_type == "v_prediction"
+    assert_same_losses(recorder, expected_losses)
+    assert_same_unet_lora(trial, model.unet)
+
+
+@pytest.mark.slow
+def test_sdxl_lora_loop_equals_hand_written_steps(tmp_path: Path, one_thread: None) -> None:
+    trial, recorder = train_with_the_loop(tmp_path, base_model="tiny-sdxl")
+    expected_losses, model = reference_sdxl_lora_steps(trial)
+    assert_same_losses(recorder, expected_losses)
+    assert_same_unet_lora(trial, model.unet)
+
+
+def reference_sdxl_textual_inversion_steps(trial) -> tuple[list[float], list[torch.Tensor]]:
+    """diffusers' textual_inversion_sdxl.py per step, by hand: the token added to both
+    tokenizers, each encoder's new row initialised from the class token's and trained (one
+    optimizer over both embedding matrices), every other row restored after each step."""
+    model = load_base_model("tiny-sdxl")
+    for module in model.modules.values():
+        module.requires_grad_(False)
+    pairs = [(model.tokenizer, model.text_encoder), (model.tokenizer_2, model.text_encoder_2)]
+    token_ids, embeddings, originals = [], [], []
+    for tokenizer, encoder in pairs:
+        tokenizer.add_tokens("<robot>")
+        token_ids.append(tokenizer.convert_tokens_to_ids("<robot>"))
+        [class_id] = tokenizer.encode("toy", add_special_tokens=False)
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        embedding = encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            embedding[token_ids[-1]] = embedding[class_id]
+        originals.append(embedding.detach().clone())
+        embedding.requires_grad_(True)
+        embeddings.append(embedding)
+    instance = encode_each(model.vae, trial.image_files)
+    generator = torch.Generator().manual_seed(trial.seed)
+    scaling = model.vae.config.scaling_factor
+
+    def step_loss() -> torch.Tensor:
+        noisy, target, timesteps = noised_latents_and_target(
+            generator, model.noise_scheduler, [instance], scaling
+        )
+        hidden, pooled = sdxl_prompt_embeddings(model, "a photo of <robot> toy")
+        added = {"text_embeds": pooled, "time_ids": sdxl_time_ids()}
+        return F.mse_loss(
+            model.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample, target
+        )
+
+    def keep_other_rows() -> None:
+        with torch.no_grad():
+            for embedding, original, token_id in zip(embeddings, originals, token_ids, strict=True):
+                keep = torch.arange(len(embedding)) != token_id
+                embedding[keep] = original[keep]
+
+    losses = optimizer_steps(embeddings, trial.learning_rate, step_loss, after_step=keep_other_rows)
+    return losses, [e[t].detach().clone() for e, t in zip(embeddings, token_ids, strict=True)]
+
+
+@pytest.mark.slow
+def test_sdxl_textual_inversion_loop_equals_hand_written_steps(tmp_path: Path) -> None:
+    trial, recorder = train_with_the_loop(
+        tmp_path, base_model="tiny-sdxl", methods={"textual_inversion": {"learning_rate": [1e-3]}}
+    )
+    expected_losses, expected_rows = reference_sdxl_textual_inversion_steps(trial)
+    assert_same_losses(recorder, expected_losses)
+
+    # Saved as diffusers' SDXL embeddings are: one row per text encoder, `clip_l` / `clip_g`.
+    path = final_checkpoint(trial) / "learned_embeds.safetensors"
+    saved = load_file(path)
+    assert saved.keys() == {"clip_l", "clip_g"}
+    for key, expected in zip(("clip_l", "clip_g"), expected_rows, strict=True):
+        torch.testing.assert_close(saved[key][0], expected, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(expected_rows[0], expected_rows[1])  # two encoders, two rows
+    # Loading it the diffusers way (both tokens): test_base_models.py, on the sweep's checkpoint.

@@ -39,7 +39,7 @@ from contract.layout import (
     records_file,
 )
 from contract.spec import load_spec
-from selection.report import comparison_tables, gather, phrase_table
+from selection.report import comparison_tables, fit_table, gather, phrase_table
 from selection.select import select_sweep
 from tracking.sweep import SweepTracking
 
@@ -51,12 +51,15 @@ BREAKOUT = '"><img src=x onerror=alert(2)>'
 STEPS = (0, 10, 20, 30)
 METRICS = ("similarity", "aesthetics", "diversity", "clip_t")
 STYLES = (PAYLOAD, "a watercolor painting")
-# subject, class token, method, base model, images: two methods, two base models, two image counts.
+# subject, class token, method, base model, images: three methods, three base models, two image
+# counts.
 TRIALS = (
     (BREAKOUT, PAYLOAD, "lora", "tiny", 2),
     ("mug", "cup", "dreambooth", "tiny", 4),
     ("robot", "toy", "lora", "other-base", 4),
     ("robot", "toy", "textual_inversion", "other-base", 2),
+    ("robot", "toy", "lora", "tiny-sdxl", 2),
+    ("mug", "cup", "lora", "tiny-sdxl", 4),
 )
 # The first trial's curves, by hand (ranges [0, 1]): the score (similarity + aesthetics + 0.5 ×
 # diversity) / 2.5 peaks at step 20, and aesthetics falls 0.3 below its best at step 30 (the
@@ -73,8 +76,9 @@ KNOWN = {
 
 
 def label(index: int) -> str:
-    subject, _, method, _, images = TRIALS[index]
-    return f"{subject}/{method}/n={images}/lr=0.001/seed=0"
+    """As a sweep that compares base models labels its trials."""
+    subject, _, method, base_model, images = TRIALS[index]
+    return f"{subject}/{method}/{base_model}/n={images}/lr=0.001/seed=0"
 
 
 def trial_curves(index: int, rng: np.random.Generator) -> dict[str, tuple[float, ...]]:
@@ -188,7 +192,13 @@ def test_the_report_prints_no_download_bars_and_writes_the_tables_beside_the_pag
     assert float(best[label(0)]["score"]) == pytest.approx((0.8 + 0.6 + 0.5 * 0.4) / 2.5)
     assert (best[label(1)]["best_step"], best[label(1)]["collapse"]) == ("30", "")
     with (folder / "by_base_model.csv").open(encoding="utf-8") as handle:
-        assert [row["base model"] for row in csv.DictReader(handle)] == ["other-base", "tiny"]
+        rows = list(csv.DictReader(handle))
+    assert [row["base model"] for row in rows] == ["other-base", "tiny", "tiny-sdxl"]
+    # tiny: best steps 20 (2 images) and 30 (4 images): k = (2·20 + 4·30) / (2² + 4²) = 8.
+    assert float(rows[1]["k (steps per image, all class tokens)"]) == pytest.approx(8.0)
+    with (folder / "fit.csv").open(encoding="utf-8") as handle:
+        fits = {(row["class token"], row["base model"]): row for row in csv.DictReader(handle)}
+    assert float(fits[(PAYLOAD, "tiny")]["k (steps per image)"]) == pytest.approx(10.0)
     with (folder / "negative_prompt.csv").open(encoding="utf-8") as handle:
         rows = {row["trial"]: row for row in csv.DictReader(handle)}
     assert float(rows[label(0)]["similarity (no negative)"]) == pytest.approx(0.8 * 0.9 + 0.05)
@@ -229,7 +239,7 @@ def test_select_logs_each_trials_collapse(sweep: dict) -> None:
     assert runs[label(1)].data.tags[TAG_COLLAPSE] == "none"
     assert METRIC_COLLAPSE_STEP not in runs[label(1)].data.metrics
     # The others: where their drawn curves first fall 0.2 below their running best.
-    for index in (2, 3):
+    for index in (2, 3, 4, 5):
         curves = sweep["curves"][label(index)]
         found = []
         for metric in ("aesthetics", "diversity"):  # selection.collapse's default metrics
@@ -258,6 +268,7 @@ def test_html_in_names_and_phrases_shows_as_text_and_every_table_equals_python(
     trials = gather(spec)
     expected = comparison_tables(spec, trials, spec.selection_weights)
     expected["phrases"] = phrase_table(spec, trials)
+    expected["fit-table"] = fit_table(trials, spec.selection_weights, spec)
     driver = headless_chromium(tmp_path / "chromium-profile")
     try:
         driver.get((sweep["folder"] / "report.html").as_uri())
@@ -275,9 +286,20 @@ def test_html_in_names_and_phrases_shows_as_text_and_every_table_equals_python(
         assert best[1][:5] == [label(0), "2", "20", "0.640", "aesthetics @ 30"]
         phrases = [row[1] for row in shown_table(driver, "phrases")[1:]]
         assert PAYLOAD in phrases  # as text
-        fit = {row[0]: row[2] for row in shown_table(driver, "fit-table")[1:]}
-        assert fit == {PAYLOAD: "1", "cup": "1", "toy": "2"}
-        assert f"{PAYLOAD}: k = " in driver.find_element(By.ID, "fit-svg").text
+        # The model comparison: one row per base model, its k over its trials' best steps.
+        by_base = shown_table(driver, "by-base")
+        assert [row[0] for row in by_base[1:]] == ["other-base", "tiny", "tiny-sdxl"]
+        assert by_base[0][4] == "k (steps per image, all class tokens)" and by_base[2][4] == "8.0"
+        # The fit per class token × base model.
+        fit = {(row[0], row[1]): row[3] for row in shown_table(driver, "fit-table")[1:]}
+        assert fit == {
+            (PAYLOAD, "tiny"): "1",
+            ("cup", "tiny"): "1",
+            ("cup", "tiny-sdxl"): "1",
+            ("toy", "other-base"): "2",
+            ("toy", "tiny-sdxl"): "1",
+        }
+        assert f"{PAYLOAD} (tiny): k = " in driver.find_element(By.ID, "fit-svg").text
         assert [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "WARNING")] == []
     finally:
         driver.quit()

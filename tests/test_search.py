@@ -17,13 +17,12 @@ import pytest
 from conftest import REPO, write_spec
 from mlflow.tracking import MlflowClient
 from search_specs import ONE_METRIC, SPACE, search_spec
-from test_ray import ray_address  # noqa: F401 (the 2-node Ray cluster fixture)
-from test_slurm import slurm_cluster  # noqa: F401 (the dev SLURM cluster fixture)
 
 from cluster.optuna_trial import PruningStopper, StudyTrial
 from cluster.ray_trial import tune_result
 from contract.layout import TAG_ERROR, TAG_OPTUNA_STUDY, TAG_OPTUNA_TRIAL, TAG_PRUNED, TAG_TRIAL
 from contract.spec import SelectionSpec, SpecError, load_spec, parse_spec
+from contract.spec.kinds import load_any_spec, parse_any_spec
 from contract.spec.search import open_storage
 from contract.trial import TrialConfig
 from launch.local import TrialOutcome
@@ -120,9 +119,9 @@ def test_a_grid_search_takes_no_optuna_fields(tmp_path: Path) -> None:
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_s_resolved_spec_loads_back(config: Path) -> None:
     """What `dreamsweep validate` prints (the resolved spec, every field set) is a valid spec."""
-    spec = load_spec(config, check_files=False)
+    spec = load_any_spec(config, check_files=False)  # a sweep or an inference study
     resolved = spec.model_dump(mode="json")
-    again = parse_spec(
+    again = parse_any_spec(
         resolved, source=f"{config.name} resolved", base_dir=config.parent, check_files=False
     )
     assert again.model_dump(mode="json") == resolved

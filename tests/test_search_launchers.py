@@ -14,8 +14,6 @@ import pytest
 from conftest import REPO, descendants, dreamsweep, start_dreamsweep, write_spec
 from mlflow.tracking import MlflowClient
 from search_specs import search_spec
-from test_ray import ray_address  # noqa: F401 (the 2-node Ray cluster fixture)
-from test_slurm import slurm_cluster  # noqa: F401 (the dev SLURM cluster fixture)
 
 from contract.layout import TAG_OPTUNA_STUDY, TAG_OPTUNA_TRIAL, TAG_PRUNED, TAG_TRIAL
 from contract.spec import load_spec
@@ -184,7 +182,7 @@ def test_a_search_on_slurm_submits_each_asked_trial_as_a_job(tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_a_search_on_ray_runs_through_optuna_search_with_asha(
-    ray_address: str,  # noqa: F811 (the fixture imported above)
+    ray_address: str,
     tmp_path: Path,
 ) -> None:
     """Tune's OptunaSearch asks, ASHA ranks the current score; the searcher's study is the

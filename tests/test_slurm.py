@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,7 +38,6 @@ from trainers.checkpoint import checkpoints_root, latest_checkpoint
 from trainers.resume import TRAINER_STATE
 
 GOLDEN = Path(__file__).parent / "golden"
-DEV_SLURM = REPO / "cluster" / "dev_slurm.sh"
 
 
 FAKE_SLURM = {
@@ -111,48 +109,6 @@ def test_slurm_fields_are_checked_with_the_allowed_keys(tmp_path: Path) -> None:
 
 
 # --- on a real cluster ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A private dev cluster (cluster/dev_slurm.sh) in a temporary folder, which it yields. Its
-    SLURM_CONF is exported to this process and so to every SLURM client the tests and the
-    launcher's `dreamsweep` subprocesses run; dev_slurm.sh refuses to start next to a SLURM it
-    did not start, and nothing outside the folder is touched."""
-    if os.geteuid() != 0:
-        pytest.skip("the local SLURM cluster needs root (slurmctld and slurmd run as root)")
-    folder = tmp_path_factory.mktemp("slurm")
-    started = subprocess.run([str(DEV_SLURM), "up", str(folder)], capture_output=True, text=True)
-    assert started.returncode == 0, started.stdout + started.stderr
-    previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(folder / "slurm.conf")
-    try:
-        yield folder
-    finally:
-        cancel_test_jobs()
-        stopped = subprocess.run(
-            [str(DEV_SLURM), "down", str(folder)], capture_output=True, text=True
-        )
-        if previous is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = previous
-        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-
-
-def cancel_test_jobs() -> None:
-    """`scancel` the jobs the tests submitted (the launcher names them dreamsweep-<sweep>) that
-    the private cluster still holds, by id."""
-    listed = subprocess.run(
-        ["squeue", "--noheader", "--array", "--format=%i %j"], capture_output=True, text=True
-    )
-    ids = [
-        job
-        for job, _, name in (line.partition(" ") for line in listed.stdout.splitlines())
-        if name.startswith("dreamsweep-")
-    ]
-    if ids:
-        subprocess.run(["scancel", *ids], capture_output=True)
 
 
 ENDED = {

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO, dreamsweep, small_spec, write_spec
 from PIL import Image
 
@@ -40,7 +43,8 @@ def problems_of(path: Path) -> list[str]:
 
 def test_quickstart_spec_is_valid_and_resolved() -> None:
     spec = load_spec(REPO / "configs" / "quickstart.yaml")
-    assert spec.base_model == "tiny"
+    assert [model.id for model in spec.base_model] == ["tiny"]
+    assert spec.base_models[0].resolution == 64 and not spec.compares_models
     assert spec.subjects[0].images == REPO / "configs" / "subjects" / "robot"
     assert spec.resolved_output_dir == REPO / "runs" / "quickstart"
     assert spec.tracking_uri == f"sqlite:///{REPO / 'runs' / 'quickstart' / 'mlflow.db'}"
@@ -440,3 +444,212 @@ def test_validate_summary_lists_the_step_grid(
     status, out, err = validate(write_spec(tmp_path, small_spec(tmp_path, grid=grid)))
     assert status == 0, err
     assert summary in out, out
+
+
+def pipeline_folder(
+    folder: Path, pipeline: str = "StableDiffusionXLPipeline", *, down_blocks: int = 3
+) -> Path:
+    """A diffusers folder's configs (no weights): what validation reads of a model. Its pixel
+    multiple is the VAE's 8 × the UNet's 2 ** (down_blocks - 1)."""
+    for relative, config in {
+        "model_index.json": {"_class_name": pipeline},
+        "unet/config.json": {"down_block_types": ["DownBlock2D"] * down_blocks},
+        "vae/config.json": {"block_out_channels": [32, 64, 64, 64]},
+        "scheduler/scheduler_config.json": {"prediction_type": "epsilon"},
+    }.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+def test_every_base_model_problem_is_reported_at_once(tmp_path: Path) -> None:
+    """An unsupported pipeline, a folder without a VAE, a duplicate (by its resolved folder),
+    two folders with one short name, resolutions the model cannot take (an entry's own and
+    train's, a toy model's too, a repeated entry's once), an unknown entry key: one pass."""
+    xl = pipeline_folder(tmp_path / "xl")  # multiple 8 × 4 = 32
+    other_xl = pipeline_folder(tmp_path / "other" / "xl")
+    pipeline_folder(tmp_path / "flux", "FluxPipeline")
+    shutil.rmtree(pipeline_folder(tmp_path / "no-vae") / "vae")
+    (tmp_path / "no-index").mkdir()
+    spec = small_spec(
+        tmp_path,
+        base_model=[
+            "tiny",
+            "./flux",
+            {"id": "./xl", "resolution": 48},
+            "./xl/../xl",
+            "./no-index",
+            {"id": "tiny-sdxl", "precision": "bf16"},
+            "tiny",
+            "./no-vae",
+            "./other/xl",
+        ],
+        train={"resolution": 72},
+    )
+    problems = problems_of(write_spec(tmp_path, spec))
+    supported = "sd1 (StableDiffusionPipeline), sd2 (StableDiffusionPipeline), sdxl"
+    assert problems[0].startswith(
+        f"base_model[1].id: {tmp_path / 'flux'}: model_index.json's _class_name is "
+        f"'FluxPipeline', not a supported family; supported: {supported}"
+    )
+    assert problems[1].startswith(
+        f"base_model[4].id: {tmp_path / 'no-index'} is not a diffusers pipeline folder: it has "
+        f"no model_index.json; supported families: {supported}"
+    )
+    assert problems[2] == (
+        "base_model[5].precision: unknown key; allowed keys: id, resolution, mixed_precision"
+    )
+    assert problems[3].startswith(
+        f"base_model[7].id: {tmp_path / 'no-vae'} is not a diffusers pipeline folder: it has "
+        "no vae/config.json"
+    )
+    assert problems[4:] == [
+        f"base_model[3]: {str(xl)!r} is the same model as base_model[2]; list each model once",
+        "base_model[6]: 'tiny' is the same model as base_model[0]; list each model once",
+        f"base_model[8]: {str(other_xl)!r} has the short name 'xl' of base_model[2] "
+        f"({str(xl)!r}), which names its trials' labels and registered models; rename one of "
+        "the folders",
+        "train.resolution: 72 px is not a multiple of 64, the pixel multiple 'tiny' (sd1) can "
+        "take; use e.g. 64",  # once: base_model[6] is the same model
+        f"base_model[2].resolution: 48 px is not a multiple of 32, the pixel multiple "
+        f"{str(xl)!r} (sdxl) can take; use e.g. 32",
+        f"train.resolution: 72 px is not a multiple of 32, the pixel multiple {str(other_xl)!r} "
+        "(sdxl) can take; use e.g. 64",
+    ]
+    # Valid entries validate the same checks in the cross-section pass; a hub id and a folder
+    # of one short name (`a/b`, `a--b`) are refused too, and a toy model's multiple is known.
+    pipeline_folder(tmp_path / "a--b")
+    spec["base_model"] = [
+        "tiny",
+        {"id": "./xl", "resolution": 48},
+        "tiny",
+        "a/b",
+        "./a--b",
+        {"id": "tiny-sdxl", "resolution": 80},
+    ]
+    del spec["train"]["resolution"]
+    assert problems_of(write_spec(tmp_path, spec)) == [
+        "base_model[2]: 'tiny' is the same model as base_model[0]; list each model once",
+        f"base_model[4]: {str(tmp_path / 'a--b')!r} has the short name 'a--b' of base_model[3] "
+        "('a/b'), which names its trials' labels and registered models; rename one of the "
+        "folders",
+        f"base_model[1].resolution: 48 px is not a multiple of 32, the pixel multiple "
+        f"{str(xl)!r} (sdxl) can take; use e.g. 32",
+        "base_model[5].resolution: 80 px is not a multiple of 32, the pixel multiple "
+        "'tiny-sdxl' (sdxl) can take; use e.g. 64",
+    ]
+
+
+def test_a_resolved_spec_with_several_models_loads_back_to_the_same_trials(
+    tmp_path: Path,
+) -> None:
+    """Written with every default filled in (train.resolution then set), a folder that took
+    its family's native resolution keeps it: the written entry carries it."""
+    from launch.grid import expand_grid
+
+    pipeline_folder(tmp_path / "xl")
+    spec = small_spec(
+        tmp_path, base_model=["tiny", "./xl", {"id": "tiny-sd2", "mixed_precision": "bf16"}]
+    )
+    del spec["train"]["resolution"]
+    spec = load_spec(write_spec(tmp_path, spec))
+    assert [(m.resolution, m.mixed_precision) for m in spec.base_models] == [
+        (512, "no"),  # train.resolution's default, as `tiny` always trained (same trial ids)
+        (1024, "no"),  # sdxl's
+        (64, "bf16"),  # a toy's own, not sd2's 768 for v-prediction
+    ]
+    written = spec.model_dump(mode="json")
+    assert written["base_model"] == [
+        "tiny",
+        {"id": str(tmp_path / "xl"), "resolution": 1024},
+        {"id": "tiny-sd2", "resolution": 64, "mixed_precision": "bf16"},
+    ]
+    again = load_spec(write_spec(tmp_path, written, "resolved.yaml"))
+    assert [t.trial_id for t in expand_grid(again)] == [t.trial_id for t in expand_grid(spec)]
+    assert (
+        yaml.safe_load(
+            yaml.safe_dump(load_spec(REPO / "configs" / "quickstart.yaml").model_dump(mode="json"))
+        )["base_model"]
+        == "tiny"
+    )  # one model: written as a value
+
+
+def test_a_hub_model_without_a_resolution_is_warned_about(tmp_path: Path) -> None:
+    """A hub id's family is unknown offline: it trains at train.resolution's default, 512."""
+    from launch.preflight import model_warnings
+
+    models = ["tiny", "org/some-sdxl", {"id": "org/b", "resolution": 64}]
+    spec = small_spec(tmp_path, base_model=models)
+    del spec["train"]["resolution"]
+    assert model_warnings(load_spec(write_spec(tmp_path, spec))) == [
+        "base_model[1]: 'org/some-sdxl' is a hub id and no resolution is set, so its trials "
+        "train at train.resolution's default, 512 px, whatever its family (SD 2.x 768-v models "
+        "are trained at 768, SDXL at 1024); set base_model[1].resolution or train.resolution"
+    ]
+    spec["base_model"] = "org/some-sdxl"
+    assert model_warnings(load_spec(write_spec(tmp_path, spec)))[0].startswith("base_model: ")
+    spec["train"]["resolution"] = 512  # set: what the user chose
+    assert model_warnings(load_spec(write_spec(tmp_path, spec))) == []
+
+
+def test_a_lora_format_list_without_diffusers_is_refused(tmp_path: Path) -> None:
+    spec = small_spec(tmp_path, export={"lora_format": ["kohya"]})
+    assert problems_of(write_spec(tmp_path, spec)) == [
+        "export.lora_format: 'diffusers' is left out, the file evaluation and "
+        "load_trained_pipeline load; list it, e.g. [diffusers, kohya] (got ['kohya'])"
+    ]
+    spec["export"]["lora_format"] = ["kohya", "diffusers"]
+    assert load_spec(write_spec(tmp_path, spec)).export.lora_format == ["kohya", "diffusers"]
+
+
+@pytest.mark.parametrize(
+    "preset", sorted(p.name for p in (REPO / "configs" / "presets").glob("*.yaml"))
+)
+def test_every_memory_preset_validates_and_opens_with_its_command(preset: str) -> None:
+    """Offline: a hub id is accepted as it is (its family is read once it is fetched)."""
+    path = REPO / "configs" / "presets" / preset
+    first_line = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first_line.startswith(f"# Run: dreamsweep run configs/presets/{preset}")
+    spec = load_spec(path)
+    assert spec.train.gradient_checkpointing and spec.train.optimizer == "adamw8bit"
+    assert spec.train.cache_latents and spec.train.mixed_precision in ("bf16", "fp16")
+    family_resolution = {"sdxl": 1024, "sd2": 768, "sd15": 512}[preset.split("_")[0]]
+    assert [m.resolution for m in spec.base_models] == [family_resolution]
+    from launch.grid import expand_grid
+
+    assert len(expand_grid(spec)) == 1
+
+
+def test_a_models_own_fp16_is_refused_on_a_machine_without_a_gpu(tmp_path: Path) -> None:
+    """A model entry's precision overrides train's: the preflight checks each model's."""
+    import torch
+
+    from launch.preflight import missing_device
+
+    if torch.accelerator.current_accelerator() is not None:
+        pytest.skip("this machine has an accelerator: fp16 trains here")
+    models = ["tiny", {"id": "tiny-sdxl", "mixed_precision": "fp16"}]
+    spec = load_spec(write_spec(tmp_path, small_spec(tmp_path, base_model=models)))
+    [problem] = missing_device(spec)
+    assert problem.startswith("base_model[1].mixed_precision: 'fp16' needs a GPU")
+    models = [{"id": "tiny", "mixed_precision": "bf16"}, "tiny-sdxl"]
+    fp16 = small_spec(tmp_path, base_model=models, train={"mixed_precision": "fp16"})
+    [problem] = missing_device(load_spec(write_spec(tmp_path, fp16)))
+    assert problem.startswith("train.mixed_precision: 'fp16' needs a GPU")
+    models = [
+        {"id": "tiny", "mixed_precision": "bf16"},
+        {"id": "tiny-sd2", "mixed_precision": "no"},
+    ]
+    bf16 = small_spec(tmp_path, base_model=models, train={"mixed_precision": "fp16"})
+    assert missing_device(load_spec(write_spec(tmp_path, bf16))) == []
+
+
+def test_validate_lists_the_compared_base_models(tmp_path: Path, validate: Validate) -> None:
+    models = ["tiny", {"id": "tiny-sdxl", "resolution": 128, "mixed_precision": "bf16"}, "org/m"]
+    status, out, err = validate(write_spec(tmp_path, small_spec(tmp_path, base_model=models)))
+    assert status == 0, err
+    assert "3 trials;" in out
+    assert (
+        "Base models compared: tiny (sd1, 64 px, no), tiny-sdxl (sdxl, 128 px, bf16), org/m "
+        "(family read once fetched, 64 px, no)."
+    ) in " ".join(out.split())

@@ -13,14 +13,27 @@ from mlflow.tracking import MlflowClient
 from contract.layout import RECORDS_DIR
 
 
+def _read_table(path: Path) -> pd.DataFrame:
+    """A table `MlflowClient.log_table` wrote (its JSON layout: columns and data)."""
+    layout = json.loads(path.read_text(encoding="utf-8"))
+    return pd.DataFrame(layout["data"], columns=layout["columns"])
+
+
+def load_table(client: MlflowClient, run_id: str, artifact_file: str) -> pd.DataFrame | None:
+    """The table `log_table` wrote to `artifact_file` of a run, or None when it has none
+    (`mlflow.load_table` reads the global tracking URI only, not a client's)."""
+    folder, _, _ = artifact_file.rpartition("/")
+    if not any(a.path == artifact_file for a in client.list_artifacts(run_id, folder or None)):
+        return None
+    with tempfile.TemporaryDirectory() as scratch:
+        return _read_table(Path(client.download_artifacts(run_id, artifact_file, scratch)))
+
+
 def load_records(client: MlflowClient, run_id: str) -> pd.DataFrame:
     """Every evaluated step's records of one trial run, as one table with a `step` column."""
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(client.download_artifacts(run_id, RECORDS_DIR, scratch))
-        tables = []
-        for path in sorted(folder.glob("step_*.json")):
-            layout = json.loads(path.read_text(encoding="utf-8"))
-            tables.append(pd.DataFrame(layout["data"], columns=layout["columns"]))
+        tables = [_read_table(path) for path in sorted(folder.glob("step_*.json"))]
     if not tables:
         raise LookupError(f"run {run_id} has no per-image records under {RECORDS_DIR}/")
     return pd.concat(tables, ignore_index=True)

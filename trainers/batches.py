@@ -16,6 +16,7 @@ from accelerate import Accelerator
 
 from contract.spec import TrainSpec
 from trainers.caching import ImageSet
+from trainers.conditioning import PromptEmbeddings
 from trainers.models import BaseModel
 
 
@@ -28,12 +29,12 @@ def batch_generator(seed: int) -> torch.Generator:
 class TrainingData:
     """What the steps train on, computed once: the instance images, the class images (prior
     preservation only), and the prompts (instance, then class) as token ids and, when cached,
-    as the frozen text encoder's embeddings."""
+    as the frozen text encoders' embeddings."""
 
     instance_images: ImageSet
     class_images: ImageSet | None
-    prompt_ids: torch.Tensor
-    cached_embeddings: torch.Tensor | None
+    prompt_ids: list[torch.Tensor]  # one tensor per tokenizer (two for SDXL)
+    cached_embeddings: PromptEmbeddings | None
 
 
 @dataclass(frozen=True)

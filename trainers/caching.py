@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from contract.cache import cache_key, cache_root
+from trainers.conditioning import PromptEmbeddings, encode_prompts, tokenize
 from trainers.data import load_subject_pixels
 from trainers.models import BaseModel
 
@@ -109,28 +110,30 @@ def latent_shape(model: BaseModel, resolution: int) -> tuple[int, int, int]:
     return (model.vae.config.latent_channels, resolution // factor, resolution // factor)
 
 
-def tokenize(model: BaseModel, prompts: list[str]) -> torch.Tensor:
-    return model.tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=model.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-
-
 def cached_prompt_embeddings(
     model: BaseModel, prompts: list[str], device: torch.device
-) -> torch.Tensor:
-    """The frozen text encoder's embeddings of `prompts`, `[len(prompts), tokens, width]`."""
-    rows = []
+) -> PromptEmbeddings:
+    """The frozen text encoders' embeddings of `prompts` (`trainers.conditioning`)."""
+    hidden, pooled = [], []
+    encoders = list(model.text_encoders.values())
     for prompt in prompts:
 
         def encode(prompt: str = prompt) -> dict[str, torch.Tensor]:
             with torch.no_grad():
-                ids = tokenize(model, [prompt]).to(device)
-                return {"embedding": model.text_encoder(ids)[0][0]}
+                ids = [tokens.to(device) for tokens in tokenize(model, [prompt])]
+                embeddings = encode_prompts(model.family, encoders, ids)
+            entry = {"embedding": embeddings.hidden[0]}
+            if embeddings.pooled is not None:
+                entry["pooled"] = embeddings.pooled[0]
+            return entry
 
-        key = cache_key(CACHE_VERSION, model.source, model.text_encoder.dtype, prompt)
-        rows.append(_cached("prompt_embeddings", key, encode)["embedding"])
-    return torch.stack(rows).to(device)
+        # SD 1.x/2.x keys as before the families (their caches stay valid); SDXL's name both.
+        dtypes = [encoder.dtype for encoder in encoders]
+        key = cache_key(CACHE_VERSION, model.source, *dtypes, prompt)
+        entry = _cached("prompt_embeddings", key, encode)
+        hidden.append(entry["embedding"])
+        if "pooled" in entry:
+            pooled.append(entry["pooled"])
+    return PromptEmbeddings(
+        torch.stack(hidden).to(device), torch.stack(pooled).to(device) if pooled else None
+    )

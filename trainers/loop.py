@@ -38,7 +38,8 @@ from trainers.batches import (
     draw_step,
     micro_batch,
 )
-from trainers.caching import cached_prompt_embeddings, latent_shape, load_images, tokenize
+from trainers.caching import cached_prompt_embeddings, latent_shape, load_images
+from trainers.conditioning import PromptEmbeddings, encode_prompts, tokenize, unet_conditioning
 from trainers.memory import enable_gradient_checkpointing, make_optimizer, set_attention
 from trainers.methods import TrainingMethod, make_method
 from trainers.models import BaseModel, assemble_pipeline, load_base_model
@@ -94,15 +95,21 @@ def setup_method(
     """The method freezes the base (in the low precision) and adds what trains (in fp32); then
     the memory features, and the model onto the accelerator. Returns the method and what trains."""
     train = config.train
-    method = make_method(config.method, config.options, config.subject)
+    method = make_method(config.method, config.options, config.subject, config.export)
     set_seed(config.seed)  # the method's new weights (adapter init) draw from the global RNG
     trainable = method.setup(model, frozen_dtype=frozen_dtype)
+    if frozen_dtype == torch.float16 and model.vae.config.get("force_upcast", False):
+        # A VAE that overflows in fp16 (SDXL's; its pipeline decodes it in fp32) stays fp32, as
+        # diffusers' SDXL training scripts keep it. bf16 has fp32's range: no overflow.
+        model.vae.float()
     set_attention(model.unet, train.attention)
     if train.gradient_checkpointing:
         enable_gradient_checkpointing(
-            model.unet, model.text_encoder, text_encoder_trains=method.trains_text_encoder
+            model.unet,
+            list(model.text_encoders.values()),
+            text_encoder_trains=method.trains_text_encoder,
         )
-    for module in (model.unet, model.vae, model.text_encoder):
+    for module in model.modules.values():
         module.to(device)
     return method, trainable
 
@@ -141,7 +148,7 @@ def setup_data(
         ]
         if config.uses_prior:
             prompts.append(class_prompt(train.prior, config.subject.class_token))
-        prompt_ids = tokenize(model, prompts).to(device)
+        prompt_ids = [ids.to(device) for ids in tokenize(model, prompts)]
         cached_embeddings = None
         if train.cache_text_embeddings and not method.trains_text_encoder:
             cached_embeddings = cached_prompt_embeddings(model, prompts, device)
@@ -157,7 +164,7 @@ def offload_cached_encoders(
     if train.cache_latents:
         offloaded.append(("vae", model.vae))
     if data.cached_embeddings is not None:
-        offloaded.append(("text_encoder", model.text_encoder))
+        offloaded += list(model.text_encoders.items())
     for _, module in offloaded:
         module.to("cpu")
     return offloaded
@@ -179,7 +186,7 @@ def setup_optimizer(
         num_warmup_steps=train.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=config.max_steps * accelerator.num_processes,
     )
-    modules = {"unet": model.unet, "text_encoder": model.text_encoder}
+    modules = {"unet": model.unet, **model.text_encoders}
     trained = [n for n, m in modules.items() if any(p.requires_grad for p in m.parameters())]
     *wrapped, optimizer, lr_scheduler = accelerator.prepare(
         *(modules[n] for n in trained), optimizer, lr_scheduler
@@ -224,16 +231,17 @@ def evaluate(trial: TrialState, step: int) -> dict[str, float]:
     return metrics
 
 
-def prompt_embeddings(trial: TrialState) -> torch.Tensor:
-    """One embedding per prompt (instance, then class): from the text encoder that trains, from
-    the cache, or from the frozen text encoder."""
-    data = trial.data
+def prompt_embeddings(trial: TrialState) -> PromptEmbeddings:
+    """One embedding per prompt (instance, then class): from the text encoders that train, from
+    the cache, or from the frozen text encoders."""
+    data, model = trial.data, trial.model
     if trial.method.trains_text_encoder:
-        return trial.training.modules["text_encoder"](data.prompt_ids)[0]
+        trained = [trial.training.modules[name] for name in model.text_encoders]
+        return encode_prompts(model.family, trained, data.prompt_ids)
     if data.cached_embeddings is not None:
         return data.cached_embeddings
     with torch.no_grad():
-        return trial.model.text_encoder(data.prompt_ids)[0]
+        return encode_prompts(model.family, list(model.text_encoders.values()), data.prompt_ids)
 
 
 def train_micro_batch(trial: TrialState, batch: MicroBatch) -> torch.Tensor:
@@ -245,9 +253,11 @@ def train_micro_batch(trial: TrialState, batch: MicroBatch) -> torch.Tensor:
     # precision a trained fp32 module meets a frozen low-precision one.
     with accelerator.accumulate(*training.wrapped):
         with accelerator.autocast():
-            encoder_states = prompt_embeddings(trial).repeat_interleave(rows, dim=0)
+            embeddings = prompt_embeddings(trial).repeat_rows(rows)
             prediction = training.modules["unet"](
-                batch.noisy.to(PRECISION[train.mixed_precision]), batch.timesteps, encoder_states
+                batch.noisy.to(PRECISION[train.mixed_precision]),
+                batch.timesteps,
+                **unet_conditioning(trial.model.family, embeddings, train.resolution),
             )
             prediction = prediction.sample.float()
             loss = F.mse_loss(prediction[:rows], batch.target[:rows].float())

@@ -1,18 +1,22 @@
 """LoRA DreamBooth: low-rank adapters on the UNet's attention (and optionally the text
-encoder's); all base weights frozen."""
+encoders'); all base weights frozen."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers import DiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
 
-from contract.spec import LoRASpec, SubjectSpec
-from trainers.models import BaseModel
+from contract.spec import ExportSpec, LoRASpec, SubjectSpec
+from trainers.models import PIPELINES, BaseModel, load_pipeline
+
+KOHYA_WEIGHTS_NAME = "lora_kohya.safetensors"
+"""The kohya-format copy (`export.lora_format: [.., kohya]`) beside diffusers' file."""
 
 
 class LoRAMethod:
@@ -20,9 +24,12 @@ class LoRAMethod:
 
     name = "lora"
 
-    def __init__(self, options: LoRASpec, subject: SubjectSpec) -> None:
+    def __init__(
+        self, options: LoRASpec, subject: SubjectSpec, export: ExportSpec | None = None
+    ) -> None:
         self.options = options
         self.subject = subject
+        self.formats = (export or ExportSpec()).lora_format
         self.trains_text_encoder = options.train_text_encoder
         self.alpha = options.alpha if options.alpha is not None else float(options.rank)
 
@@ -38,16 +45,25 @@ class LoRAMethod:
             target_modules=targets,
         )
 
+    def _adapted(self, model: BaseModel) -> dict[str, torch.nn.Module]:
+        """The modules with adapters, by component name: the UNet, then the text encoders."""
+        adapted = {"unet": model.unet}
+        if self.trains_text_encoder:
+            adapted |= model.text_encoders
+        return adapted
+
     def setup(self, model: BaseModel, *, frozen_dtype: torch.dtype) -> list[torch.nn.Parameter]:
         # Base weights in the low precision first; the adapters added after are cast to fp32.
-        for module in (model.unet, model.vae, model.text_encoder):
+        for module in model.modules.values():
             module.requires_grad_(False).to(frozen_dtype)
-        model.unet.add_adapter(self._adapter(self.options.target_modules))
-        adapted = [model.unet]
-        if self.trains_text_encoder:
-            model.text_encoder.add_adapter(self._adapter(self.options.text_encoder_target_modules))
-            adapted.append(model.text_encoder)
-        trainable = [p for module in adapted for p in module.parameters() if p.requires_grad]
+        adapted = self._adapted(model)
+        encoder_targets = self.options.text_encoder_target_modules
+        for name, module in adapted.items():  # each text encoder too, as diffusers' SDXL script
+            targets = self.options.target_modules if name == "unet" else encoder_targets
+            module.add_adapter(self._adapter(targets))
+        trainable = [
+            p for module in adapted.values() for p in module.parameters() if p.requires_grad
+        ]
         for parameter in trainable:
             parameter.data = parameter.data.float()
         return trainable
@@ -56,30 +72,48 @@ class LoRAMethod:
         pass
 
     def save_weights(self, model: BaseModel, directory: Path) -> None:
-        """diffusers' LoRA format, which `StableDiffusionPipeline.load_lora_weights` loads.
+        """diffusers' LoRA format, which the family pipeline's `load_lora_weights` loads (and,
+        with `kohya` in `export.lora_format`, the kohya-format copy beside it).
 
         Each adapter's config goes in the file's metadata: without it the loader takes alpha to
         be the rank, and an adapter trained with another `alpha` would load at the wrong scale.
         """
-        text_encoder_layers = text_encoder_config = None
-        if self.trains_text_encoder:
+        layers, metadata = {}, {}
+        peft_weights = {}
+        for name, module in self._adapted(model).items():
             # The adapters never touch the embeddings; peft's default ("auto") would look the
             # base model's vocabulary up, a hub request per checkpoint, to decide that again.
-            text_encoder_layers = convert_state_dict_to_diffusers(
-                get_peft_model_state_dict(model.text_encoder, save_embedding_layers=False)
-            )
-            text_encoder_config = model.text_encoder.peft_config["default"].to_dict()
-        StableDiffusionPipeline.save_lora_weights(
-            directory,
-            unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet)),
-            text_encoder_lora_layers=text_encoder_layers,
-            unet_lora_adapter_metadata=model.unet.peft_config["default"].to_dict(),
-            text_encoder_lora_adapter_metadata=text_encoder_config,
-            safe_serialization=True,
+            weights = get_peft_model_state_dict(module, save_embedding_layers=False)
+            peft_weights |= {f"{name}.{key}": value for key, value in weights.items()}
+            layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(weights)
+            metadata[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+        PIPELINES[model.family].save_lora_weights(
+            directory, **layers, **metadata, safe_serialization=True
         )
+        if "kohya" in self.formats:
+            save_file(self._kohya(model, peft_weights), directory / KOHYA_WEIGHTS_NAME)
+
+    def _kohya(self, model: BaseModel, peft_weights: dict) -> dict[str, torch.Tensor]:
+        """diffusers' public peft → kohya conversion (`lora_unet_…`, `lora_te…` keys), with
+        each module's `alpha` as trained (the conversion writes alpha = rank)."""
+        converted = convert_state_dict_to_kohya(peft_weights)
+        single_encoder = model.text_encoder_2 is None
+        kohya = {}
+        for key, value in converted.items():
+            if key.startswith("lora_te") and "_text_model_" not in key:
+                # transformers 5's CLIP text model has no `text_model` level; kohya's keys
+                # (and the UIs that read them) name it, as transformers 4 did.
+                prefix, rest = key.split("_", 2)[:2], key.split("_", 2)[2]
+                key = "_".join([*prefix, "text_model", rest])
+            if single_encoder:  # SD 1.x/2.x: kohya's own `lora_te_` (`te1`/`te2` are SDXL's)
+                key = key.replace("lora_te1_", "lora_te_", 1)
+            if key.endswith(".alpha"):
+                value = torch.tensor(self.alpha)
+            kohya[key] = value.detach().cpu().contiguous()
+        return kohya
 
     @staticmethod
-    def load_pipeline(source: str, checkpoint: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
-        pipeline = StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+    def load_pipeline(source: str, checkpoint: Path, dtype: torch.dtype) -> DiffusionPipeline:
+        pipeline = load_pipeline(source, dtype=dtype)
         pipeline.load_lora_weights(checkpoint)
         return pipeline

@@ -52,12 +52,13 @@ def set_attention(unet: UNet2DConditionModel, kind: str) -> None:
 
 
 def enable_gradient_checkpointing(
-    unet: UNet2DConditionModel, text_encoder: CLIPTextModel, *, text_encoder_trains: bool
+    unet: UNet2DConditionModel, text_encoders: list[CLIPTextModel], *, text_encoder_trains: bool
 ) -> None:
     unet.enable_gradient_checkpointing()
     if text_encoder_trains:
-        # Non-reentrant: gradients reach adapter and embedding weights inside the checkpointed
-        # layers even though the layers' inputs do not require grad.
-        text_encoder.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
+        for text_encoder in text_encoders:  # SDXL's two train together
+            # Non-reentrant: gradients reach adapter and embedding weights inside the
+            # checkpointed layers even though the layers' inputs do not require grad.
+            text_encoder.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )

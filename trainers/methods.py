@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
-from contract.spec import MethodOptions, SubjectSpec
+from contract.spec import ExportSpec, MethodOptions, SubjectSpec
 from trainers.dreambooth import DreamBoothMethod
 from trainers.lora import LoRAMethod
 from trainers.models import BaseModel, resolve_model_source
@@ -43,8 +43,9 @@ class TrainingMethod(Protocol):
         ...
 
     @staticmethod
-    def load_pipeline(source: str, checkpoint: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
-        """The base model's pipeline with a checkpoint's weights loaded the diffusers way."""
+    def load_pipeline(source: str, checkpoint: Path, dtype: torch.dtype) -> DiffusionPipeline:
+        """The base model's pipeline (of its family) with a checkpoint's weights loaded the
+        diffusers way."""
         ...
 
 
@@ -55,15 +56,19 @@ METHODS: dict[str, type] = {
 }
 
 
-def make_method(name: str, options: MethodOptions, subject: SubjectSpec) -> TrainingMethod:
-    return METHODS[name](options, subject)
+def make_method(
+    name: str, options: MethodOptions, subject: SubjectSpec, export: ExportSpec | None = None
+) -> TrainingMethod:
+    """The method `name`; `export` says which extra formats it saves (LoRA: kohya)."""
+    return METHODS[name](options, subject, export)
 
 
 def load_trained_pipeline(
     base_model: str, method: str, checkpoint: Path, *, dtype: torch.dtype = torch.float32
-) -> StableDiffusionPipeline:
-    """A ready pipeline from a trial's checkpoint folder: `base_model` as in the spec (hub id,
-    folder or `tiny`), `method` the trial's method."""
+) -> DiffusionPipeline:
+    """A ready pipeline of the model's family (`StableDiffusionPipeline`, or
+    `StableDiffusionXLPipeline` for SDXL) from a trial's checkpoint folder: `base_model` as in
+    the spec (hub id, folder or a built-in name), `method` the trial's method."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     return METHODS[method].load_pipeline(resolve_model_source(base_model), checkpoint, dtype)

@@ -1,25 +1,37 @@
-"""Loading the base model's components: a hub id, a local diffusers folder, or the offline `tiny`.
+"""Loading the base model's components: a hub id, a local diffusers folder, or a built-in toy
+model (`tiny`, `tiny-sd2`, `tiny-sdxl`: `trainers.tiny`).
 
-All three go through the same `from_pretrained` calls; `tiny` is first built (once, cached) as a
-random-init pipeline with Stable Diffusion 1.x's architecture at toy size and the real CLIP
-tokenizer, and saved as an ordinary diffusers folder.
+All go through the same `from_pretrained` calls. The family (`contract.families`) is read from
+the folder's configs, never from the name: it decides whether there is a second text encoder
+(SDXL) and which pipeline the parts assemble into.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from contract.cache import build_once
-from contract.spec import TINY
-from evaluation.tokenizer import write_clip_tokenizer
+from contract.families import BUILTIN_MODELS, family_of_folder
+from trainers.tiny import BUILDERS
 
-# Bump when the tiny architecture changes, so stale caches are not reused.
-TINY_MODEL_NAME = "tiny-sd-v1"
+PIPELINES: dict[str, type[DiffusionPipeline]] = {
+    "sd1": StableDiffusionPipeline,
+    "sd2": StableDiffusionPipeline,
+    "sdxl": StableDiffusionXLPipeline,
+}
+"""Family → the diffusers pipeline class that runs it."""
 
 
 @dataclass
@@ -33,105 +45,125 @@ class BaseModel:
     noise_scheduler: DDPMScheduler
     source: str
     """Where the weights came from (hub id or folder)."""
+    family: str = "sd1"
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    """SDXL's second (projected) text encoder; None for SD 1.x/2.x."""
+    tokenizer_2: CLIPTokenizer | None = None
+    force_zeros_for_empty_prompt: bool = field(default=True)
+    """SDXL: an empty negative prompt is zeros (the pipeline's own default)."""
 
+    @property
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The text encoders by component name (one, or two for SDXL)."""
+        encoders = {"text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            encoders["text_encoder_2"] = self.text_encoder_2
+        return encoders
 
-def build_tiny_pipeline(directory: Path) -> None:
-    """Save a random-init SD-architecture pipeline (toy widths, 64 px) to `directory`."""
-    torch.manual_seed(0)
-    # SD 1.x: 3 cross-attention down blocks + 1 plain; 8 heads; text width = cross-attn width.
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=64,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        sample_size=64,
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        scaling_factor=0.18215,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
-    tokenizer = write_clip_tokenizer(directory / "tokenizer")
-    # SD 1.5's noise schedule, as its scheduler_config.json has it.
-    scheduler = DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        clip_sample=False,
-    )
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(directory)
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        return [self.tokenizer] + ([self.tokenizer_2] if self.tokenizer_2 is not None else [])
+
+    @property
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Every module with weights, by component name."""
+        return {"unet": self.unet, "vae": self.vae, **self.text_encoders}
 
 
 def resolve_model_source(base_model: str) -> str:
-    """`tiny` → its cached folder (built on first use); anything else is passed through."""
-    if base_model == TINY:
-        return str(build_once(TINY_MODEL_NAME, build_tiny_pipeline, isolate=True))
+    """A built-in toy model → its cached folder (built on first use); a hub id or folder is
+    passed through."""
+    if base_model in BUILTIN_MODELS:
+        name, build = BUILDERS[base_model]
+        return str(build_once(name, build, isolate=True))
     return base_model
 
 
+def model_folder(base_model: str) -> Path:
+    """The local folder of a built-in model, folder or hub id (a hub id's snapshot, resolved
+    and downloaded into the Hugging Face cache as `from_pretrained` would)."""
+    source = resolve_model_source(base_model)
+    if Path(source).is_dir():
+        return Path(source)
+    return Path(DiffusionPipeline.download(source))
+
+
 def load_base_model(base_model: str, *, dtype: torch.dtype = torch.float32) -> BaseModel:
-    """Load UNet, VAE, text encoder, tokenizer and noise scheduler from a hub id or folder.
+    """Load a model's parts (UNet, VAE, text encoder(s), tokenizer(s), noise scheduler) from a
+    built-in name, hub id or folder.
 
     Hub credentials, when needed, come from the environment (`HF_TOKEN`), never from the spec.
     """
-    source = resolve_model_source(base_model)
+    folder = model_folder(base_model)
+    family = family_of_folder(folder)
+    source = resolve_model_source(base_model)  # a hub id stays one: caches are keyed by it
+    extra = {}
+    if family == "sdxl":
+        extra = {
+            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
+                folder, subfolder="text_encoder_2", torch_dtype=dtype
+            ),
+            "tokenizer_2": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"),
+            "force_zeros_for_empty_prompt": StableDiffusionXLPipeline.load_config(folder).get(
+                "force_zeros_for_empty_prompt", True
+            ),
+        }
     return BaseModel(
-        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype),
-        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype),
+        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
+        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
         text_encoder=CLIPTextModel.from_pretrained(
-            source, subfolder="text_encoder", torch_dtype=dtype
+            folder, subfolder="text_encoder", torch_dtype=dtype
         ),
-        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
-        noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
+        tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
         source=source,
+        family=family,
+        **extra,
     )
 
 
-def assemble_pipeline(model: BaseModel, sampler: object) -> StableDiffusionPipeline:
-    """A pipeline over the model's own modules (shared, not copied), no safety checker."""
-    pipeline = StableDiffusionPipeline(
-        vae=model.vae,
-        text_encoder=model.text_encoder,
-        tokenizer=model.tokenizer,
-        unet=model.unet,
-        scheduler=sampler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+def assemble_pipeline(model: BaseModel, sampler: object) -> DiffusionPipeline:
+    """The family's pipeline over the model's own modules (shared, not copied), no safety
+    checker and no watermark."""
+    if model.family == "sdxl":
+        pipeline = StableDiffusionXLPipeline(
+            vae=model.vae,
+            text_encoder=model.text_encoder,
+            text_encoder_2=model.text_encoder_2,
+            tokenizer=model.tokenizer,
+            tokenizer_2=model.tokenizer_2,
+            unet=model.unet,
+            scheduler=sampler,
+            force_zeros_for_empty_prompt=model.force_zeros_for_empty_prompt,
+            add_watermarker=False,
+        )
+    else:
+        pipeline = StableDiffusionPipeline(
+            vae=model.vae,
+            text_encoder=model.text_encoder,
+            tokenizer=model.tokenizer,
+            unet=model.unet,
+            scheduler=sampler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def load_pipeline(
+    base_model: str, *, dtype: torch.dtype = torch.float32, **components: object
+) -> DiffusionPipeline:
+    """The base model's own pipeline of its family, through `from_pretrained` (`components`
+    replace its parts, e.g. a trained `unet`), without safety checker or watermark."""
+    folder = model_folder(base_model)
+    family = family_of_folder(folder)
+    options: dict[str, object] = {"torch_dtype": dtype, **components}
+    if family == "sdxl":
+        options["add_watermarker"] = False
+    else:
+        options |= {"safety_checker": None, "requires_safety_checker": False}
+    pipeline = PIPELINES[family].from_pretrained(folder, **options)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

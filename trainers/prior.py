@@ -52,7 +52,8 @@ def class_images(
         pipeline = assemble_pipeline(
             model, make_sampler(CLASS_SAMPLER, model.noise_scheduler.config)
         )
-        previous = [m.device for m in (model.unet, model.vae, model.text_encoder)]
+        modules = list(model.modules.values())
+        previous = [m.device for m in modules]
         pipeline.to(device)
         count = prior.num_class_images
         for start in range(0, count, prior.batch_size):
@@ -69,9 +70,7 @@ def class_images(
             for offset, image in enumerate(images):
                 image.save(folder / f"class_{start + offset:05d}.png")
         (folder / "settings.json").write_text(json.dumps(settings, sort_keys=True), "utf-8")
-        for module, where in zip(
-            (model.unet, model.vae, model.text_encoder), previous, strict=True
-        ):
+        for module, where in zip(modules, previous, strict=True):
             module.to(where)
 
     folder = build_once(f"class_images/{key}", generate)

@@ -60,7 +60,7 @@ def _processes(count: int) -> str:
 def trained_parameters(model: BaseModel) -> dict[str, torch.nn.Parameter]:
     """Every parameter that trains, by a stable name: what a checkpoint must restore."""
     named = {}
-    for prefix, module in (("unet", model.unet), ("text_encoder", model.text_encoder)):
+    for prefix, module in (("unet", model.unet), *model.text_encoders.items()):
         for name, parameter in module.named_parameters():
             if parameter.requires_grad:
                 named[f"{prefix}.{name}"] = parameter

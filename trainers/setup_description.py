@@ -23,8 +23,7 @@ def describe_setup(
     """The setup of `model` trained by `optimizer` (as prepared: wrappers included), with the
     `offloaded` encoders' names: every value a string, as run parameters are."""
     setup = {}
-    for name in ("unet", "vae", "text_encoder"):
-        module = getattr(model, name)
+    for name, module in model.modules.items():
         parameters = list(module.parameters())
         trained = [p for p in parameters if p.requires_grad]
         setup[f"{name}.trained_parameters"] = str(sum(p.numel() for p in trained))
@@ -32,7 +31,9 @@ def describe_setup(
         setup[f"{name}.frozen_dtype"] = _dtypes([p for p in parameters if not p.requires_grad])
         # transformers 5 renamed the flag; diffusers kept the old name.
         flag = (
-            "is_activation_checkpointing" if name == "text_encoder" else "is_gradient_checkpointing"
+            "is_activation_checkpointing"
+            if name.startswith("text_encoder")
+            else "is_gradient_checkpointing"
         )
         setup[f"{name}.gradient_checkpointing"] = str(bool(getattr(module, flag, False)))
     setup["unet.attention"] = ",".join(

@@ -31,7 +31,8 @@ class Training:
     stay the plain modules, sharing the same weights."""
 
     trainable: list[torch.nn.Parameter]  # what the optimizer steps and the gradients clip
-    modules: dict[str, torch.nn.Module]  # "unet", "text_encoder": the wrapper where it trains
+    modules: dict[str, torch.nn.Module]  # "unet", "text_encoder"(, "text_encoder_2"): the
+    # wrapper where it trains
     trained: list[str]  # the names of the wrapped modules
     wrapped: list[torch.nn.Module]
     optimizer: AcceleratedOptimizer

@@ -15,7 +15,10 @@ The package's modules, each importing only those above it:
 - `launchers`: the local, SLURM and Ray launchers, Ray's schedulers, tracking;
 - `search`: grid or Optuna search, its space of distributions by spec path, its pruner;
 - `sweep`: `SweepSpec` and its checks across sections;
-- `loading`: YAML loading, error rewriting, and the checks of the files a spec points at.
+- `loading`: YAML loading, error rewriting, and the checks of the files a spec points at;
+- `inference_entries`: an inference spec's model and scheduler entries, what is known offline;
+- `inference`: `InferenceSpec` (`kind: inference`), its prompts, metrics, selection, shards;
+- `kinds`: either kind of spec from a file (`load_any_spec`), the inference spec's checks.
 
 Import from `contract.spec` itself; the modules are its layout, not its interface.
 """
@@ -28,6 +31,8 @@ from contract.spec.evaluation import (
     EvalSpec,
     PromptTemplateSpec,
 )
+from contract.spec.inference import InferenceSpec, ModelSpec, SchedulerSpec
+from contract.spec.kinds import SPEC_KINDS, AnySpec, inference_warnings, load_any_spec
 from contract.spec.launchers import (
     LAUNCHERS,
     SCHEDULERS,
@@ -60,9 +65,11 @@ from contract.spec.selection import (
 from contract.spec.sweep import SweepSpec
 from contract.spec.train import (
     METHOD_OPTIONS,
+    BaseModelSpec,
     CheckpointSpec,
     DeepSpeedSpec,
     DreamBoothSpec,
+    ExportSpec,
     GridSpec,
     LearningRates,
     LoRASpec,
@@ -87,10 +94,13 @@ __all__ = [
     "SCHEDULERS",
     "SELECTABLE_METRICS",
     "SLURM_TYPED_SBATCH",
+    "SPEC_KINDS",
     "STUDY_RANGES",
     "STUDY_WEIGHTS",
     "TINY",
+    "AnySpec",
     "AshaSchedulerSpec",
+    "BaseModelSpec",
     "CheckpointSpec",
     "CollapseSpec",
     "DeepSpeedSpec",
@@ -98,8 +108,10 @@ __all__ = [
     "DreamBoothSpec",
     "EarlyStopSpec",
     "EvalSpec",
+    "ExportSpec",
     "FifoSchedulerSpec",
     "GridSpec",
+    "InferenceSpec",
     "LearningRates",
     "LoRASpec",
     "LocalLauncherSpec",
@@ -108,10 +120,12 @@ __all__ = [
     "MethodOptions",
     "MethodsSpec",
     "Metric",
+    "ModelSpec",
     "PriorPreservationSpec",
     "PromptTemplateSpec",
     "PrunerSpec",
     "RayLauncherSpec",
+    "SchedulerSpec",
     "SearchSpec",
     "SelectionSpec",
     "SlurmLauncherSpec",
@@ -123,6 +137,8 @@ __all__ = [
     "TrainSpec",
     "check_eval_files",
     "check_subject_files",
+    "inference_warnings",
+    "load_any_spec",
     "load_spec",
     "parse_spec",
     "subject_image_files",

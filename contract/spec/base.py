@@ -36,6 +36,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class _Study(_Strict):
+    """What a training sweep and an inference study derive alike from their `name`,
+    `output_dir` and `tracking` fields (which each declares): one place for these defaults."""
+
+    @property
+    def resolved_output_dir(self) -> Path:
+        assert self.output_dir is not None, "set by the spec's default"  # type: ignore[attr-defined]
+        return self.output_dir  # type: ignore[attr-defined]
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.tracking.uri is not None:  # type: ignore[attr-defined]
+            return self.tracking.uri  # type: ignore[attr-defined]
+        return f"sqlite:///{self.resolved_output_dir / 'mlflow.db'}"
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name  # type: ignore[attr-defined]
+
+
 def _check_slots(template: str, allowed: tuple[str, ...]) -> str:
     """Raise unless `template` is a format string using only the `allowed` slots."""
     try:

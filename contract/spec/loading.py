@@ -21,8 +21,14 @@ from contract.spec.evaluation import (
     is_url,
 )
 from contract.spec.launchers import LAUNCHERS, SCHEDULERS
-from contract.spec.sweep import PARSED_SECTIONS, SweepSpec, cross_section_problems
-from contract.spec.train import SubjectSpec
+from contract.spec.sweep import (
+    PARSED_SECTIONS,
+    SweepSpec,
+    cross_section_problems,
+    duplicate_model_problems,
+    resolution_problems,
+)
+from contract.spec.train import BaseModelSpec, SubjectSpec
 
 
 def subject_image_files(folder: Path) -> list[Path]:
@@ -131,7 +137,9 @@ MOVED_KEYS = {
 }
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: dict[str, Any], root: type[BaseModel] | None = None) -> str:
+    """One pydantic error as `field: problem (got value)`; `root`: the spec's model (default
+    `SweepSpec`), where unknown keys' allowed siblings are looked up."""
     loc = error["loc"]
     launcher = None
     if len(loc) >= 2 and loc[0] == "launcher" and loc[1] in LAUNCHERS:
@@ -144,7 +152,7 @@ def _describe(error: dict[str, Any]) -> str:
         if launcher is not None and len(loc) == (3 if loc[1] == "scheduler" else 2):
             allowed = list(launcher.model_fields)
         else:
-            allowed = _allowed_keys(SweepSpec, loc[:-1]) or []
+            allowed = _allowed_keys(root or SweepSpec, loc[:-1]) or []
         moved = MOVED_KEYS.get(field)
         hint = f" (it moved to {moved})" if moved else ""
         return f"{field or '<top>'}: unknown key{hint}; allowed keys: {', '.join(allowed)}"
@@ -199,6 +207,36 @@ def _subjects_that_validated(
     return subjects
 
 
+def _as_written(problem: str, base_model: Any) -> str:
+    """A problem of a one-model `base_model` names the field as the spec wrote it (`base_model`,
+    `base_model.resolution`), not as the list it is read into (`base_model[0].id`)."""
+    if isinstance(base_model, list) or not problem.startswith("base_model[0]"):
+        return problem
+    if isinstance(base_model, str):
+        problem = problem.replace("base_model[0].id", "base_model", 1)
+    return problem.replace("base_model[0]", "base_model", 1)
+
+
+def _model_problems_beside_failed_ones(
+    data: dict[str, Any], sections: dict[str, Any], base_dir: Path
+) -> list[str]:
+    """When some `base_model` entry failed (its errors are already listed), the checks across
+    entries on the others, so a duplicate or a resolution problem shows in the same pass."""
+    items = data.get("base_model")
+    if "base_model" in sections or not isinstance(items, list):
+        return []  # validated: the cross-section checks ran on it
+    models = {}
+    for index, item in enumerate(items):
+        try:
+            models[index] = BaseModelSpec.model_validate(item, context={"base_dir": base_dir})
+        except ValidationError:
+            continue
+    problems = duplicate_model_problems(models)
+    if "train" in sections:
+        problems += resolution_problems(models, sections["train"])
+    return problems
+
+
 def parse_spec(data: Any, *, source: str, base_dir: Path, check_files: bool = True) -> SweepSpec:
     """Validate already-parsed YAML: the schema, the checks across sections and (with
     `check_files`) the files; raises one `SpecError` listing every problem of every phase."""
@@ -206,6 +244,8 @@ def parse_spec(data: Any, *, source: str, base_dir: Path, check_files: bool = Tr
         raise SpecError(source, [f"<top>: expected a mapping of fields, got {type(data).__name__}"])
     spec, sections, errors = _validated_sections(data, base_dir)
     problems = [_describe(e) for e in errors] + cross_section_problems(sections)
+    problems += _model_problems_beside_failed_ones(data, sections, base_dir)
+    problems = [_as_written(problem, data.get("base_model")) for problem in problems]
     if check_files:
         grid = sections.get("grid")
         subjects = _subjects_that_validated(data, sections, base_dir)
@@ -218,8 +258,9 @@ def parse_spec(data: Any, *, source: str, base_dir: Path, check_files: bool = Tr
     return spec
 
 
-def load_spec(path: str | Path, *, check_files: bool = True) -> SweepSpec:
-    """Load, validate and resolve a sweep spec; raises `SpecError` before any work starts."""
+def read_spec_file(path: str | Path) -> tuple[Any, str, Path]:
+    """A spec file's YAML data, its name for messages, and the folder its relative paths resolve
+    against; raises `SpecError` for a file that cannot be read or parsed."""
     path = Path(path)
     source = str(path)
     try:
@@ -234,4 +275,10 @@ def load_spec(path: str | Path, *, check_files: bool = True) -> SweepSpec:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise SpecError(source, [f"not valid YAML: {err}"]) from None
-    return parse_spec(data, source=source, base_dir=path.resolve().parent, check_files=check_files)
+    return data, source, path.resolve().parent
+
+
+def load_spec(path: str | Path, *, check_files: bool = True) -> SweepSpec:
+    """Load, validate and resolve a sweep spec; raises `SpecError` before any work starts."""
+    data, source, base_dir = read_spec_file(path)
+    return parse_spec(data, source=source, base_dir=base_dir, check_files=check_files)

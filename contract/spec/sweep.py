@@ -5,11 +5,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from contract.spec.base import TINY, _folder_problem, _resolve, _Strict
+from contract.families import (
+    BUILTIN_DEFAULT_RESOLUTIONS,
+    BUILTIN_MODELS,
+    BUILTIN_RESOLUTION_MULTIPLES,
+    FAMILIES,
+    prediction_type,
+    resolution_multiple,
+)
+from contract.layout import model_short_name
+from contract.spec.base import _folder_problem, _resolve, _Study
 from contract.spec.evaluation import EvalSpec
 from contract.spec.launchers import (
     AshaSchedulerSpec,
@@ -21,7 +37,15 @@ from contract.spec.launchers import (
 )
 from contract.spec.search import SearchSpec, search_problems
 from contract.spec.selection import SELECTABLE_METRICS, STUDY_WEIGHTS, SelectionSpec
-from contract.spec.train import GridSpec, LoRASpec, MethodsSpec, SubjectSpec, TrainSpec
+from contract.spec.train import (
+    BaseModelSpec,
+    ExportSpec,
+    GridSpec,
+    LoRASpec,
+    MethodsSpec,
+    SubjectSpec,
+    TrainSpec,
+)
 
 # Validation-context key: a dict that `SweepSpec` fills with each section that validated, and
 # whose presence tells it that the caller (the loader) runs the checks across sections itself.
@@ -168,16 +192,104 @@ def _early_stop_can_fire(selection: SelectionSpec, evaluation: EvalSpec) -> list
     ]
 
 
+@_across("base_model")
+def _each_model_once(models: list[BaseModelSpec]) -> list[str]:
+    return duplicate_model_problems(dict(enumerate(models)))
+
+
+@_across("base_model", "train")
+def _resolution_fits_model(models: list[BaseModelSpec], train: TrainSpec) -> list[str]:
+    return resolution_problems(dict(enumerate(models)), train)
+
+
+def duplicate_model_problems(models: Mapping[int, BaseModelSpec]) -> list[str]:
+    """`base_model` entries (index → entry) naming a model an earlier one names: it would
+    train the same trials twice, or compare a model with itself under other overrides. Or
+    two models with one short name (`/a/sd15` and `/b/sd15`; hub `a/b` and folder `a--b`): their
+    labels and registered models would be one."""
+    first: dict[str, int] = {}
+    first_by_name: dict[str, int] = {}
+    problems = []
+    for index, model in models.items():
+        name = model_short_name(model.id)
+        if model.id in first:
+            problems.append(
+                f"base_model[{index}]: {model.id!r} is the same model as base_model"
+                f"[{first[model.id]}]; list each model once"
+            )
+        elif name in first_by_name:
+            other = first_by_name[name]
+            problems.append(
+                f"base_model[{index}]: {model.id!r} has the short name {name!r} of base_model"
+                f"[{other}] ({models[other].id!r}), which names its trials' labels and "
+                "registered models; rename one of the folders"
+            )
+        first.setdefault(model.id, index)
+        first_by_name.setdefault(name, index)
+    return problems
+
+
+def _resolution_multiple(model: BaseModelSpec) -> int | None:
+    """The pixel multiple a folder or toy model takes; None for a hub id (no configs to read
+    before it is fetched)."""
+    if model.id in BUILTIN_MODELS:
+        return BUILTIN_RESOLUTION_MULTIPLES[model.id]
+    return resolution_multiple(Path(model.id)) if model.is_folder else None
+
+
+def resolution_problems(models: Mapping[int, BaseModelSpec], train: TrainSpec) -> list[str]:
+    """Folders and toy models (index → entry) whose training resolution is not a pixel multiple
+    the model can take; a repeated entry (a duplicate problem already) is not checked again."""
+    problems = []
+    checked: set[str] = set()
+    for index, model in models.items():
+        multiple = _resolution_multiple(model)
+        if multiple is None or model.id in checked:
+            continue
+        checked.add(model.id)
+        resolution = effective_resolution(model, train)
+        if resolution % multiple:
+            field = (
+                f"base_model[{index}].resolution"
+                if model.resolution is not None
+                else "train.resolution"
+            )
+            problems.append(
+                f"{field}: {resolution} px is not a multiple of {multiple}, the pixel multiple "
+                f"{model.id!r} ({model.family}) can take; use e.g. "
+                f"{max(multiple, resolution // multiple * multiple)}"
+            )
+    return problems
+
+
+def effective_resolution(model: BaseModelSpec, train: TrainSpec) -> int:
+    """The resolution `model`'s trials train at: its own, else `train.resolution` when the spec
+    sets it, else a folder's family's native one (read from its scheduler's prediction type),
+    a toy model's own (`BUILTIN_DEFAULT_RESOLUTIONS`), else `train.resolution`'s default."""
+    if model.resolution is not None:
+        return model.resolution
+    if "resolution" in train.model_fields_set:
+        return train.resolution
+    if model.is_folder:
+        family = model.family
+        assert family is not None, "a folder's family is read when it validates"
+        return FAMILIES[family].default_resolution(prediction_type(Path(model.id)))
+    # A toy model's own (not its family's 768 or 1024); a hub id's family is not known
+    # offline (`launch.preflight.model_warnings` says so).
+    return BUILTIN_DEFAULT_RESOLUTIONS.get(model.id, train.resolution)
+
+
 _across("search", "methods", "train", "grid", "launcher")(search_problems)
 
 
-class SweepSpec(_Strict):
+class SweepSpec(_Study):
     """A sweep: subjects × methods × grid, trained, evaluated, tracked and selected."""
 
     name: str
     """Sweep name: letters, digits, `_`, `.`, `-`."""
-    base_model: str
-    """Diffusers Stable Diffusion weights: a hub id, a local folder, or `tiny` (built offline)."""
+    base_model: list[BaseModelSpec] = Field(min_length=1)
+    """The weights to fine-tune: one model (an id, a folder, `tiny`, or a mapping with
+    per-model overrides) or a list of them, each a grid axis like `seed`."""
     output_dir: Path | None = None
     """Where checkpoints, logs and the default MLflow store go; unset means `runs/<name>` beside
     the spec file."""
@@ -186,6 +298,8 @@ class SweepSpec(_Strict):
     """The methods to compare: a list of names, or a mapping of name → options."""
     grid: GridSpec
     train: TrainSpec = TrainSpec()
+    export: ExportSpec = ExportSpec()
+    """The formats trained weights are saved in (LoRA: diffusers and/or kohya)."""
     eval: EvalSpec = EvalSpec()
     selection: SelectionSpec = SelectionSpec()
     launcher: Annotated[
@@ -196,6 +310,9 @@ class SweepSpec(_Strict):
     tracking: TrackingSpec = TrackingSpec()
     search: SearchSpec = SearchSpec()
     """`grid` (every combination of the lists) or `optuna` (sampled trials per group)."""
+    # Last, so the allowed keys listed for a misspelt one start with the sections users set.
+    kind: Literal["train"] = "train"
+    """`train` (the default); an inference study is `kind: inference` (`InferenceSpec`)."""
 
     @field_validator("name")
     @classmethod
@@ -218,18 +335,10 @@ class SweepSpec(_Strict):
     def _launcher_shorthand(cls, value: Any) -> Any:
         return {"kind": value} if isinstance(value, str) else value
 
-    @field_validator("base_model")
+    @field_validator("base_model", mode="before")
     @classmethod
-    def _local_or_hub(cls, base_model: str, info: ValidationInfo) -> str:
-        if base_model == TINY:
-            return base_model
-        if base_model.startswith((".", "/", "~")):
-            path = _resolve(Path(base_model), info)
-            problem = _folder_problem(path)
-            if problem:
-                raise ValueError(f"local model {problem}")
-            return str(path)
-        return base_model
+    def _one_or_a_list(cls, value: Any) -> Any:
+        return value if isinstance(value, list) else [value]
 
     @field_validator("output_dir")
     @classmethod
@@ -261,21 +370,45 @@ class SweepSpec(_Strict):
             raise ValueError("; ".join(problems))
         return self
 
+    @model_serializer(mode="wrap")
+    def _compact_base_models(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Written as given where it can be (an id alone; one model as a value, not a list), each
+        # model's resolution and precision where they differ from `train`'s: the written spec
+        # (every default filled in) loads back to the same trials.
+        data = handler(self)
+        if "base_model" not in data:  # left out by the caller (`exclude`, `include`)
+            return data
+        entries: list[Any] = []
+        for model in self.base_models:
+            overrides = {
+                field: getattr(model, field)
+                for field in ("resolution", "mixed_precision")
+                if getattr(model, field) != getattr(self.train, field)
+            }
+            entries.append({"id": model.id, **overrides} if overrides else model.id)
+        data["base_model"] = entries[0] if len(entries) == 1 else entries
+        return data
+
     # Derived values: computed here so no caller re-implements a default.
     @property
-    def resolved_output_dir(self) -> Path:
-        assert self.output_dir is not None, "set by _default_output_dir"
-        return self.output_dir
+    def base_models(self) -> list[BaseModelSpec]:
+        """Each base model with its resolution and precision resolved (its own, else
+        `train`'s, else its family's native resolution), in the spec's order."""
+        return [
+            model.model_copy(
+                update={
+                    "resolution": effective_resolution(model, self.train),
+                    "mixed_precision": model.mixed_precision or self.train.mixed_precision,
+                }
+            )
+            for model in self.base_model
+        ]
 
     @property
-    def tracking_uri(self) -> str:
-        if self.tracking.uri is not None:
-            return self.tracking.uri
-        return f"sqlite:///{self.resolved_output_dir / 'mlflow.db'}"
-
-    @property
-    def experiment_name(self) -> str:
-        return self.tracking.experiment or self.name
+    def compares_models(self) -> bool:
+        """True when the sweep trains more than one base model (labels and registered model
+        names then name the model)."""
+        return len(self.base_model) > 1
 
     @property
     def selection_weights(self) -> dict[str, float]:

@@ -15,10 +15,58 @@ from pydantic import (
     model_validator,
 )
 
-from contract.spec.base import SAFE_NAME, _check_slots, _resolve, _Strict
+from contract.families import BUILTIN_MODELS, check_folder, family_of_folder
+from contract.spec.base import SAFE_NAME, _check_slots, _folder_problem, _resolve, _Strict
 
+MixedPrecision = Literal["no", "fp16", "bf16"]
 LearningRates = Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)]
 Method = Literal["dreambooth", "lora", "textual_inversion"]
+
+
+class BaseModelSpec(_Strict):
+    """One base model of the sweep (`base_model` takes one, or a list: a grid axis like
+    `seed`), and what its trials train differently from `train`. In YAML an id alone, or a
+    mapping such as `{id: tiny-sdxl, resolution: 64, mixed_precision: bf16}`."""
+
+    id: str
+    """Diffusers weights: a hub id, a local pipeline folder (its family read from its configs),
+    or a toy model built offline on first use (`tiny`, `tiny-sd2`, `tiny-sdxl`)."""
+    resolution: int | None = Field(default=None, ge=8, multiple_of=8)
+    """Training resolution of this model's trials; unset: `train.resolution` when the spec sets
+    it, else a folder's family's native resolution (SD 1.x 512, SD 2.x 512 or 768 for
+    v-prediction, SDXL 1024), 64 for the toys `tiny-sd2` and `tiny-sdxl`, else (a hub id,
+    `tiny`) `train.resolution`'s default."""
+    mixed_precision: MixedPrecision | None = None
+    """Precision of this model's trials; unset: `train.mixed_precision`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _id_alone(cls, value: Any) -> Any:
+        return {"id": value} if isinstance(value, str) else value
+
+    @field_validator("id")
+    @classmethod
+    def _local_or_hub(cls, model: str, info: ValidationInfo) -> str:
+        if model in BUILTIN_MODELS or not model.startswith((".", "/", "~")):
+            return model  # a hub id: its family is not knowable offline
+        path = _resolve(Path(model), info)
+        problem = _folder_problem(path)
+        if problem:
+            raise ValueError(f"local model {problem}")
+        # Every config validation reads: a folder without one fails here, on this entry's id.
+        check_folder(path)  # raises UnsupportedModel (a ValueError) naming what it found
+        return str(path)
+
+    @property
+    def is_folder(self) -> bool:
+        return self.id not in BUILTIN_MODELS and Path(self.id).is_absolute()
+
+    @property
+    def family(self) -> str | None:
+        """`sd1`, `sd2` or `sdxl` for a built-in model or a folder; None for a hub id."""
+        if self.id in BUILTIN_MODELS:
+            return BUILTIN_MODELS[self.id]
+        return family_of_folder(Path(self.id)) if self.is_folder else None
 
 
 class SubjectSpec(_Strict):
@@ -225,6 +273,33 @@ class CheckpointSpec(_Strict):
     can be chosen and registered. Turn off for full DreamBooth on a small disk."""
 
 
+LoRAFormat = Literal["diffusers", "kohya"]
+
+
+class ExportSpec(_Strict):
+    """The formats trained weights are saved in, beside the checkpoint's own."""
+
+    lora_format: list[LoRAFormat] = Field(default=["diffusers"], min_length=1)
+    """LoRA files each checkpoint gets: `diffusers` (`pytorch_lora_weights.safetensors`, what
+    `load_lora_weights` reads; always listed: evaluation loads it) and optionally `kohya`
+    (`lora_unet_…`/`lora_te_…` keys, what ComfyUI and AUTOMATIC1111 load). The format does not
+    change training: not part of a trial's id."""
+
+    @field_validator("lora_format")
+    @classmethod
+    def _diffusers_once_each(cls, formats: list[str]) -> list[str]:
+        repeated = sorted({f for f in formats if formats.count(f) > 1})
+        if repeated:
+            raise ValueError(f"formats are listed more than once: {repeated}")
+        if "diffusers" not in formats:
+            # Evaluation and `load_trained_pipeline` load diffusers' file: it is always written.
+            raise ValueError(
+                "'diffusers' is left out, the file evaluation and load_trained_pipeline "
+                "load; list it, e.g. [diffusers, kohya]"
+            )
+        return formats
+
+
 class TrainSpec(_Strict):
     """How each trajectory trains."""
 
@@ -234,7 +309,7 @@ class TrainSpec(_Strict):
     """Images per micro-batch, per process (with prior preservation, as many class images too)."""
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     """Micro-batches per optimizer step."""
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: MixedPrecision = "no"
     """Precision of the frozen weights and forward passes; trained weights stay fp32. fp16 needs
     a GPU (Accelerate autocasts and scales fp16 only there): refused on a machine without one;
     bf16 runs on CPUs too."""
