@@ -61,9 +61,9 @@ FAMILIES: dict[str, Family] = {
 BUILTIN_MODELS: dict[str, str] = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
 """The offline toy models (random init, real CLIP tokenizer) → their family."""
 
-BUILTIN_RESOLUTION_MULTIPLES: dict[str, int] = {"tiny": 64, "tiny-sd2": 64, "tiny-sdxl": 32}
-"""The pixel multiple each toy model takes (`resolution_multiple` of its built folder: VAE 8 ×
-UNet 8, or 4 for tiny-sdxl's three levels), known without building it."""
+BUILTIN_RESOLUTION_MULTIPLES: dict[str, int] = {"tiny": 8, "tiny-sd2": 8, "tiny-sdxl": 8}
+"""The pixel multiple each toy model takes (`resolution_multiple` of its built folder: its VAE's
+factor 8), known without building it."""
 
 BUILTIN_DEFAULT_RESOLUTIONS: dict[str, int] = {"tiny-sd2": 64, "tiny-sdxl": 64}
 """Training resolution of a toy model whose entry and `train` set none: 64 px, not its family's
@@ -82,7 +82,7 @@ def _supported() -> str:
 def _read_config(folder: Path, relative: str) -> dict:
     path = folder / relative
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UnsupportedModel(
             f"{folder} is not a diffusers pipeline folder: it has no {relative}; supported "
@@ -90,6 +90,12 @@ def _read_config(folder: Path, relative: str) -> dict:
         ) from None
     except (OSError, ValueError) as err:
         raise UnsupportedModel(f"{path} cannot be read as JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise UnsupportedModel(
+            f"{path} holds a JSON {type(config).__name__}, not the object (keys and values) "
+            "of a diffusers config"
+        )
+    return config
 
 
 def family_of_folder(folder: Path) -> str:
@@ -129,14 +135,16 @@ def _levels(config: dict, key: str, path: Path) -> int:
 
 
 def resolution_multiple(folder: Path) -> int:
-    """The pixel multiple a model takes: the VAE's downsampling factor × the UNet's
-    (2 per down block but the last), read from the configs."""
+    """The pixel multiple a model takes: its VAE's downsampling factor (2 per block but the
+    last), read from its config, as diffusers' pipelines require of `height` and `width`. The
+    UNet asks for no more: it interpolates its skip connections to any latent size
+    (`UNet2DConditionModel` sets `forward_upsample_size` when the size is not a multiple of its
+    own factor). The UNet's config is still read, so a folder without one is refused."""
     folder = Path(folder)
     vae = _read_config(folder, "vae/config.json")
     unet = _read_config(folder, "unet/config.json")
-    vae_factor = 2 ** (_levels(vae, "block_out_channels", folder / "vae/config.json") - 1)
-    unet_factor = 2 ** (_levels(unet, "down_block_types", folder / "unet/config.json") - 1)
-    return vae_factor * unet_factor
+    _levels(unet, "down_block_types", folder / "unet/config.json")
+    return 2 ** (_levels(vae, "block_out_channels", folder / "vae/config.json") - 1)
 
 
 def prediction_type(folder: Path) -> str:

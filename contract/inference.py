@@ -24,7 +24,8 @@ from contract.spec import EvalSpec
 
 SHARD_JSON = "shard.json"
 SHARD_DONE = "done.json"
-"""Written by a shard's worker once every combination of its prompts is generated and scored."""
+"""Written by a shard's worker once every combination of its prompts is generated and scored:
+`Shard.done_record`, which the driver compares with the shard it resolves now."""
 SHARD_LOG = "worker.log"
 IMAGES_DIR = "images"
 TIMING_DIR = "timing"
@@ -45,6 +46,20 @@ def step_noise_seed(seed: int, prompt_index: int, image_index: int) -> int:
     image) as `image_seed`, so an image does not depend on its batch or shard, but another
     stream, or the first step's noise would equal the initial latents."""
     return int(_digest(["step_noise", seed, prompt_index, image_index])[:15], 16)
+
+
+SET_LEVEL_SETTINGS = frozenset(
+    {"metrics", "fid_reference", "fid_features", "fid_weights", "kid_subsets", "kid_subset_size"}
+)
+"""`EvalSpec` fields that decide only the set-level scores (FID, KID) or name every metric:
+changing one rescores no image (`Shard.image_scoring_digest` leaves them out)."""
+
+
+def scoring_digest(eval_spec: EvalSpec, reference_files: list[Path]) -> str:
+    """sha256 of what decides a combination's scores beside its images: every metric and its
+    settings (the `EvalSpec`) and the subject's reference images (by path). A combination's run
+    is for one scoring (`contract.layout.TAG_SCORING_DIGEST`): changed settings log it again."""
+    return _digest([eval_spec.model_dump(mode="json"), [str(p) for p in reference_files]])
 
 
 def image_key(prompt: StudyPrompt, image_index: int) -> str:
@@ -171,6 +186,28 @@ class Shard(_Frozen):
     @property
     def total_images(self) -> int:
         return len(self.prompts) * self.images_per_prompt * len(self.combinations)
+
+    @property
+    def image_keys(self) -> list[str]:
+        """The file stems of its images of any combination, prompt by prompt."""
+        return [image_key(p, k) for p in self.prompts for k in range(self.images_per_prompt)]
+
+    @property
+    def image_scoring_digest(self) -> str:
+        """sha256 of what decides an image's per-image scores (its sidecar's): those metrics,
+        their settings and the references; a sidecar with another digest is scored again."""
+        settings = self.eval.model_dump(mode="json", exclude=set(SET_LEVEL_SETTINGS))
+        references = [str(p) for p in self.reference_files]
+        return _digest([settings, sorted(self.per_image_metrics), references])
+
+    def done_record(self) -> dict[str, Any]:
+        """What `done.json` holds: the shard is done for these combinations, these images
+        (prompts, images per prompt, how the prompts are cut) and this per-image scoring only."""
+        return {
+            "combinations": sorted(c.combination_id for c in self.combinations),
+            "image_keys": self.image_keys,
+            "image_scoring": self.image_scoring_digest,
+        }
 
     @property
     def label(self) -> str:

@@ -59,7 +59,14 @@ PARAM_OUTPUT_DIR = "output_dir"
 PARAM_BASE_MODEL = "base_model"
 PARAM_IDENTIFIER = "identifier"
 """The subject's identifier (DreamBooth, LoRA): an inference study's prompt token."""
-PARAM_PLACEHOLDER_TOKEN = "method.placeholder_token"
+
+
+def method_param(option: str) -> str:
+    """A trial run's param of one method option: `method.<option>`."""
+    return f"method.{option}"
+
+
+PARAM_PLACEHOLDER_TOKEN = method_param("placeholder_token")
 """Textual inversion's token pattern (`<{subject}>`): formatted with the subject."""
 PARAM_TRIALS = "trials"
 
@@ -137,6 +144,9 @@ TAG_COMBINATION = "dreamsweep.combination_id"
 TAG_PROMPTS_DIGEST = "dreamsweep.prompts_digest"
 """On a combination's run: the prompt set its metrics are over (`contract.inference.
 prompts_digest`); the same combination over more prompts is another run."""
+TAG_SCORING_DIGEST = "dreamsweep.scoring_digest"
+"""On a combination's run: the metrics and settings its scores are from (`contract.inference.
+scoring_digest`); other metrics, references or encoders are another run, of the same images."""
 PARAM_MODEL = "model"
 """The model entry's label (`tiny`, a folder's name, `models:/<name>@best`, …)."""
 PARAM_SCHEDULER = "scheduler"

@@ -6,9 +6,11 @@ generation time and denoiser steps in the PNG's own text chunk, so an image on d
 whether or not it has been scored.
 Once every image of (shard, combination) exists they are scored in one pass, always the same
 images in the same order (so a resumed shard's scores equal an uninterrupted one's to the
-bit), and each image gets its sidecar `p…_i….json`: key, prompt, seconds, per-image metrics.
+bit), and each image gets its sidecar `p…_i….json`: key, prompt, seconds, per-image metrics
+and the digest of the settings they were scored with (`SCORING_KEY`).
 A killed shard resumes where it stopped: existing images are not generated again, scored ones
-not scored again. `generated.log` in the shard's folder gets one line per pipeline call.
+not scored again; changed metric settings score the images again without generating them.
+`generated.log` in the shard's folder gets one line per pipeline call.
 
 Timing: seconds per image exclude the first image a process generates for a combination (the
 warm-up: kernel selection, allocator growth), which is flagged `warmup` in its sidecar. Peak
@@ -36,7 +38,6 @@ from contract.inference import (
     Combination,
     Shard,
     combination_folder,
-    image_key,
     image_seed,
     step_noise_seed,
 )
@@ -47,6 +48,8 @@ from inference.pipelines import initial_latents, load_pipeline, make_scheduler
 
 GENERATION_LOG = "generated.log"
 PNG_INFO_KEY = "dreamsweep"
+SCORING_KEY = "image_scoring"
+"""A sidecar's `Shard.image_scoring_digest`: the settings its metrics were scored with."""
 Progress = Callable[[int, int], None]
 """Called with (images generated so far, images of the shard) after each image."""
 
@@ -132,11 +135,6 @@ def step_noise_generator(seed: int, prompt_index: int, image_index: int) -> torc
     return torch.Generator("cpu").manual_seed(step_noise_seed(seed, prompt_index, image_index))
 
 
-def _image_keys(shard: Shard) -> list[str]:
-    """The file stems of the shard's images of any combination, in `shard_jobs`' order."""
-    return [image_key(p, k) for p in shard.prompts for k in range(shard.images_per_prompt)]
-
-
 def _generate(
     pipeline: Any, combination: Combination, job: ImageJob, resolution: int
 ) -> tuple[Image.Image, float, int, float]:
@@ -196,12 +194,20 @@ def _generate(
     return result.images[0], seconds, steps, loop_ended - (loop_started or started)
 
 
+def _scored(sidecar: Path, scoring: str) -> bool:
+    """Whether the image has its sidecar, scored with these settings (`image_scoring`)."""
+    if not sidecar.is_file():
+        return False
+    return json.loads(sidecar.read_text(encoding="utf-8")).get(SCORING_KEY) == scoring
+
+
 def _combination_pending(shard: Shard, combination: Combination) -> tuple[list[int], list[int]]:
-    """Indices (into the shard's jobs) of images not generated, and of those not scored."""
+    """Indices (into the shard's jobs) of images not generated, and of those not scored with
+    the shard's per-image scoring (other metrics or settings: scored again, not generated)."""
     images = combination_folder(shard.study_dir, combination.combination_id) / IMAGES_DIR
-    keys = _image_keys(shard)
+    keys, scoring = shard.image_keys, shard.image_scoring_digest
     missing = [i for i, key in enumerate(keys) if not (images / f"{key}.png").is_file()]
-    unscored = [i for i, key in enumerate(keys) if not (images / f"{key}.json").is_file()]
+    unscored = [i for i, key in enumerate(keys) if not _scored(images / f"{key}.json", scoring)]
     return missing, unscored
 
 
@@ -233,7 +239,7 @@ def run_shard(shard: Shard, *, device: torch.device, progress: Progress | None =
             folder = combination_folder(shard.study_dir, cid)
             images_dir = folder / IMAGES_DIR
             images_dir.mkdir(parents=True, exist_ok=True)
-            jobs, keys = shard_jobs(shard, combination), _image_keys(shard)
+            jobs, keys = shard_jobs(shard, combination), shard.image_keys
             missing, unscored = pending[cid]
             if missing:
                 assert pipeline is not None and model_config is not None
@@ -270,11 +276,19 @@ def run_shard(shard: Shard, *, device: torch.device, progress: Progress | None =
                 )
             if unscored:
                 _score(shard, combination, jobs, scorer, set(unscored))
-    ids = sorted(c.combination_id for c in shard.combinations)
-    _atomic_write_text(
-        shard.folder / SHARD_DONE, json.dumps({"images": total, "combinations": ids})
-    )
+        # One model's weights and encoders at a time: freed before the next model loads.
+        del scorer, pipeline
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    write_done(shard)
     return generated
+
+
+def write_done(shard: Shard) -> None:
+    """The shard's `done.json`: done for its combinations, images and scoring as they are now
+    (`Shard.done_record`, which the driver compares with the shard it resolves)."""
+    record = {"images": shard.total_images, **shard.done_record()}
+    _atomic_write_text(shard.folder / SHARD_DONE, json.dumps(record))
 
 
 def _score(
@@ -284,11 +298,13 @@ def _score(
     scorer: PerImageScorer,
     unscored: set[int],
 ) -> None:
-    """Score every image of (shard, combination) in one pass; write the missing sidecars."""
+    """Score every image of (shard, combination) in one pass; write the missing or stale
+    sidecars."""
     images_dir = combination_folder(shard.study_dir, combination.combination_id) / IMAGES_DIR
-    keys = _image_keys(shard)
+    keys = shard.image_keys
     loaded = [read_png(images_dir / f"{key}.png") for key in keys]
     columns = scorer([image for image, _ in loaded])
+    scoring = shard.image_scoring_digest
     for index in sorted(unscored):
         job, (_, info) = jobs[index], loaded[index]
         sidecar = {
@@ -298,5 +314,6 @@ def _score(
             "seed": job.seed,
             "phrases": job.phrases,
             "metrics": {name: values[index] for name, values in columns.items()},
+            SCORING_KEY: scoring,
         }
         _atomic_write_text(images_dir / f"{keys[index]}.json", json.dumps(sidecar))

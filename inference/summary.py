@@ -88,8 +88,9 @@ def _timing(sidecars: list[dict[str, Any]], folder: Path) -> tuple[dict[str, flo
         METRIC_SECONDS_PER_IMAGE_MEAN: float(seconds.mean()),
         METRIC_SECONDS_PER_IMAGE_P50: float(np.percentile(seconds, 50)),
         METRIC_SECONDS_PER_IMAGE_P90: float(np.percentile(seconds, 90)),
-        METRIC_DENOISER_ITERATIONS_PER_SECOND: steps / denoising,
     }
+    if steps and denoising > 0:  # a pipeline that never called back timed no loop: no rate
+        metrics[METRIC_DENOISER_ITERATIONS_PER_SECOND] = steps / denoising
     if peaks:
         metrics[METRIC_PEAK_MEMORY_MB] = max(p["peak_memory_mb"] for p in peaks)
     return metrics, ",".join(sorted({p["memory_source"] for p in peaks}))
@@ -114,7 +115,10 @@ def summarize_combination(
     metrics = {
         name: float(np.mean([s["metrics"][name] for s in sidecars])) for name in per_image_metrics
     }
-    images = [read_png(images_dir / f"{image_key(p, k)}.png")[0] for p, k in keys]
+    # Only the grid's images, unless a set-level metric needs every image (thousands of PNGs).
+    shown = GRID_PROMPTS * images_per_prompt
+    wanted = keys if set_scorer is not None else keys[:shown]
+    images = [read_png(images_dir / f"{image_key(p, k)}.png")[0] for p, k in wanted]
     set_columns: dict[str, list] = {}
     if set_scorer is not None:
         set_values, set_columns = set_scorer(images)
@@ -139,8 +143,5 @@ def summarize_combination(
         row |= sidecar["metrics"]
         row |= {name: values[index] for name, values in set_columns.items()}
         records.append(row)
-    shown = [image for (prompt, _), image in zip(keys, images, strict=True)][
-        : GRID_PROMPTS * images_per_prompt
-    ]
-    grid = image_grid(shown, columns=images_per_prompt)
+    grid = image_grid(images[:shown], columns=images_per_prompt)
     return CombinationSummary(metrics, records, grid, memory_source)

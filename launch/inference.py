@@ -13,6 +13,7 @@ combination with a FINISHED child run is not logged again.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -48,6 +49,7 @@ from contract.inference import (
     Shard,
     StudyPrompt,
     prompts_digest,
+    scoring_digest,
     shard_folder,
     write_shard,
 )
@@ -76,6 +78,17 @@ class Study:
     @property
     def prompts_digest(self) -> str:
         return prompts_digest(self.prompts)
+
+    @property
+    def scoring_digest(self) -> str:
+        """What its combinations' runs are scored with (every shard shares the settings)."""
+        return scoring_digest(self.shards[0].eval, self.shards[0].reference_files)
+
+    def finished_combinations(self, tracking: InferenceTracking, parent_run_id: str) -> set[str]:
+        """The combination ids with a FINISHED run over these prompts, with this scoring."""
+        return tracking.finished_combinations(
+            parent_run_id, self.prompts_digest, self.scoring_digest
+        )
 
 
 @dataclass
@@ -158,14 +171,14 @@ def prepare_study(spec: InferenceSpec, *, download: bool = True, source: str = "
 
 
 def shard_is_done(shard: Shard) -> bool:
-    """Its worker finished it for these combinations (a changed spec makes it pending again)."""
+    """Its worker finished it as it is now: the same combinations, the same images (more
+    prompts in a last shard, other images per prompt or shard sizes change them) and the same
+    per-image scoring; any change makes it pending again (what exists is reused)."""
     marker = shard.folder / SHARD_DONE
     if not marker.is_file():
         return False
     done = json.loads(marker.read_text(encoding="utf-8"))
-    return sorted(done.get("combinations", [])) == sorted(
-        c.combination_id for c in shard.combinations
-    )
+    return all(done.get(key) == value for key, value in shard.done_record().items())
 
 
 class ImagesPerSecond(ProgressColumn):
@@ -278,7 +291,7 @@ def finish_study(study: Study, tracking: InferenceTracking, parent_run_id: str) 
     from inference.summary import SetScorer, summarize_combination
 
     spec = study.spec
-    finished = tracking.finished_combinations(parent_run_id, study.prompts_digest)
+    finished = study.finished_combinations(tracking, parent_run_id)
     todo = [c for c in study.combinations if c.combination_id not in finished]
     if not todo:
         return []
@@ -303,6 +316,7 @@ def finish_study(study: Study, tracking: InferenceTracking, parent_run_id: str) 
             spec.name,
             combination,
             prompts_digest=study.prompts_digest,
+            scoring_digest=study.scoring_digest,
             metrics=summary.metrics,
             records=summary.records,
             grid=summary.grid,
@@ -328,6 +342,7 @@ def open_tracking(study: Study) -> tuple[InferenceTracking, str]:
             combination_ids=[c.combination_id for c in study.combinations],
             prompts_digest=study.prompts_digest,
             spec_yaml=spec_yaml,
+            scoring_digest=study.scoring_digest,
         )
     return tracking, parent
 
@@ -340,7 +355,7 @@ def run_inference(
     console = console or Console()
     study = prepare_study(spec, source=source)
     tracking, parent = open_tracking(study)
-    finished = tracking.finished_combinations(parent, study.prompts_digest)
+    finished = study.finished_combinations(tracking, parent)
     done = sum(1 for c in study.combinations if c.combination_id in finished)
     console.print(
         f"Study [bold]{spec.name}[/]: {len(study.combinations)} combinations × "
@@ -352,13 +367,21 @@ def run_inference(
         console.print("Every combination is already logged: nothing to generate.")
         return outcome
     tracking.client.update_run(parent, status="RUNNING")
-    outcome.failed_shards = run_shards(study, console)
-    from filelock import FileLock
+    try:
+        outcome.failed_shards = run_shards(study, console)
+        from filelock import FileLock
 
-    # Two submissions that end together must not both log a combination.
-    with FileLock(spec.resolved_output_dir / ".finish.lock"):
-        outcome.logged = finish_study(study, tracking, parent)
-    complete = tracking.finished_combinations(parent, study.prompts_digest) >= {
+        # Two submissions that end together must not both log a combination.
+        with FileLock(spec.resolved_output_dir / ".finish.lock"):
+            outcome.logged = finish_study(study, tracking, parent)
+    except BaseException as err:
+        # Not left RUNNING (ended as a sweep's parent run is, launch.sweep_run; a rerun reopens
+        # it). `err` stays the error to report, should the store not answer either.
+        with contextlib.suppress(Exception):
+            interrupted = isinstance(err, KeyboardInterrupt)
+            tracking.client.set_terminated(parent, "KILLED" if interrupted else "FAILED")
+        raise
+    complete = study.finished_combinations(tracking, parent) >= {
         c.combination_id for c in study.combinations
     }
     if outcome.failed_shards:
@@ -375,20 +398,17 @@ def run_inference(
 def shard_rows(study: Study) -> list[dict[str, Any]]:
     """Each shard's state for `dreamsweep status`: DONE, RUNNING (claimed), or images so far."""
     from cluster.claims import claim_holder
-    from contract.inference import IMAGES_DIR, combination_folder, image_key
+    from contract.inference import IMAGES_DIR, combination_folder
 
     rows = []
     for shard in study.shards:
         holder = claim_holder(shard.folder) if shard.folder.is_dir() else None
         generated = sum(
             (
-                combination_folder(shard.study_dir, c.combination_id)
-                / IMAGES_DIR
-                / f"{image_key(p, k)}.png"
+                combination_folder(shard.study_dir, c.combination_id) / IMAGES_DIR / f"{key}.png"
             ).is_file()
             for c in shard.combinations
-            for p in shard.prompts
-            for k in range(shard.images_per_prompt)
+            for key in shard.image_keys
         )
         state = (
             "DONE"

@@ -19,6 +19,7 @@ from statistics import fmean
 
 import pandas as pd
 from mlflow.entities import Run, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -41,6 +42,7 @@ from contract.layout import (
     TAG_COMBINATION,
     TAG_PROMPTS_DIGEST,
     TAG_ROLE,
+    TAG_SCORING_DIGEST,
     TAG_SWEEP,
 )
 from contract.scoring import best_step, weighted_scores
@@ -120,18 +122,19 @@ def _metric_order(metric: str) -> tuple[int, str]:
     return (known.index(metric), "") if metric in known else (len(known), metric)
 
 
-def _current_combinations(client: MlflowClient, parent: Run) -> tuple[set[str], str]:
-    """The combination ids and the prompts digest of the spec the study last ran."""
+def _current_combinations(client: MlflowClient, parent: Run) -> tuple[set[str], str, str | None]:
+    """The combination ids, prompts digest and scoring digest (None when not recorded) of the
+    spec the study last ran."""
     with tempfile.TemporaryDirectory() as scratch:
         try:
             path = client.download_artifacts(parent.info.run_id, STUDY_COMBINATIONS_FILE, scratch)
-        except OSError as err:
+        except (MlflowException, OSError) as err:  # MLflow raises for a missing artifact
             raise ReportError(
                 f"the study run {parent.info.run_id} has no {STUDY_COMBINATIONS_FILE} (written by "
                 f"`dreamsweep run`): run the study again to record its combinations ({err})"
             ) from err
         current = json.loads(Path(path).read_text(encoding="utf-8"))
-    return set(current["combination_ids"]), current["prompts_digest"]
+    return set(current["combination_ids"]), current["prompts_digest"], current.get("scoring_digest")
 
 
 def gather_study(tracking_uri: str, experiment: str, *, study: str) -> Study:
@@ -151,12 +154,14 @@ def gather_study(tracking_uri: str, experiment: str, *, study: str) -> Study:
     if not parents:
         raise ReportError(f"{missing}: run the study first (`dreamsweep run`)")
     parent = min(parents, key=lambda r: r.info.start_time)  # as tracking.inference reuses it
-    current, prompts = _current_combinations(client, parent)
+    current, prompts, scoring = _current_combinations(client, parent)
+    # Of its scoring too (earlier metric settings' runs are not), once recorded.
+    scored = "" if scoring is None else f"and tags.`{TAG_SCORING_DIGEST}` = '{scoring}' "
     children = client.search_runs(
         ids,
         f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent.info.run_id}' "
         f"and tags.`{TAG_ROLE}` = '{ROLE_COMBINATION}' "
-        f"and tags.`{TAG_PROMPTS_DIGEST}` = '{prompts}' "
+        f"and tags.`{TAG_PROMPTS_DIGEST}` = '{prompts}' {scored}"
         f"and attributes.status = '{RunStatus.to_string(RunStatus.FINISHED)}'",
         max_results=50_000,
     )
@@ -202,7 +207,11 @@ def check_weights(
     study: Study, weights: Mapping[str, float], ranges: Mapping[str, tuple[float, float]]
 ) -> list[str]:
     """Every problem with the weights at once (empty when they can score the study)."""
-    problems = []
+    problems = [
+        f"weights: {metric} must be >= 0, got {weight}"  # as `dreamsweep select --weights`
+        for metric, weight in sorted(weights.items())
+        if weight < 0
+    ]
     weighted = {m for m, w in weights.items() if w > 0}
     if not weighted:
         problems.append("weights: at least one weight must be > 0")

@@ -2,10 +2,10 @@
 `tiny-sdxl`) × the three methods × two image counts through the real CLI and the local
 launcher. The sweep first runs on two models, then the list grows to three: only the new
 model's trials train. `select` registers a best checkpoint per subject × method × base model;
-each registered checkpoint loads in its family's pipeline and generates; SDXL's load as
-diffusers documents it too (LoRA's kohya copy, TI's `clip_l`/`clip_g` rows, DreamBooth's UNet
-and both text encoders); and the report's base-model table (read in headless Chromium) shows
-one row per model, as Python computes it."""
+every trial's final checkpoint (the registered ones among them) loads in its family's pipeline
+and generates; SDXL's load as diffusers documents it too (LoRA's kohya copy, TI's
+`clip_l`/`clip_g` rows, DreamBooth's UNet and both text encoders); and the report's base-model
+table (read in headless Chromium) shows one row per model, as Python computes it."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from contract.layout import (
     BEST_ALIAS,
     PARAM_BASE_MODEL,
     ROLE_TRIAL,
+    TAG_CHECKPOINT,
     TAG_ROLE,
     TAG_TRIAL,
     registered_model_name,
@@ -183,27 +184,38 @@ def test_a_sweep_of_three_model_families_runs_selects_and_reports_per_model(
     }
     assert names == expected
     assert "families.robot.lora.tiny-sdxl" in names
-    sdxl_checkpoints = {}
+    best = {}
     for model in MODELS:
         for method in METHODS:
             name = registered_model_name("families", "robot", method, model)
             version = client.get_model_version_by_alias(name, BEST_ALIAS)
             assert client.get_run(version.run_id).data.params[PARAM_BASE_MODEL] == model
-            checkpoint = Path(version.source.removeprefix("file://"))
-            # The registered checkpoint loads in its family's pipeline and generates.
-            pipeline = load_trained_pipeline(model, method, checkpoint)
-            assert type(pipeline).__name__ == PIPELINES[model]
-            prompt = f"a photo of {'<robot>' if method == 'textual_inversion' else 'sks'} toy"
-            generated = image(pipeline, prompt)
-            assert generated.shape == (64, 64, 3)
-            if method == "lora":  # its kohya copy is the same LoRA, every family
-                kohya = load_file(checkpoint / KOHYA_WEIGHTS_NAME)
-                assert text_encoder_prefixes(kohya) == KOHYA_TEXT_PREFIXES[model]
-                from_kohya = load_pipeline(model)
-                from_kohya.load_lora_weights(checkpoint, weight_name=KOHYA_WEIGHTS_NAME)
-                np.testing.assert_allclose(image(from_kohya, prompt), generated, atol=1e-6)
-            if model == "tiny-sdxl":
-                sdxl_checkpoints[method] = checkpoint
+            best[model, method] = Path(version.source.removeprefix("file://")).resolve()
+    # Every trial's final checkpoint (the registered ones among them) loads in its family's
+    # pipeline and generates: 1 step at 64 px each.
+    trial_run = {trial: run_id for run_id, trial in runs.items()}
+    sdxl_checkpoints, finals = {}, set()
+    for trial in trials:
+        model, method = trial.base_model, trial.method
+        tags = client.get_run(trial_run[trial.trial_id]).data.tags
+        checkpoint = Path(tags[TAG_CHECKPOINT.format(step=trial.max_steps)]).resolve()
+        finals.add(checkpoint)
+        pipeline = load_trained_pipeline(model, method, checkpoint)
+        assert type(pipeline).__name__ == PIPELINES[model], trial.label
+        prompt = f"a photo of {'<robot>' if method == 'textual_inversion' else 'sks'} toy"
+        generated = image(pipeline, prompt)
+        assert generated.shape == (64, 64, 3) and np.isfinite(generated).all(), trial.label
+        if checkpoint != best[model, method]:
+            continue
+        if method == "lora":  # the registered LoRA's kohya copy is the same LoRA, every family
+            kohya = load_file(checkpoint / KOHYA_WEIGHTS_NAME)
+            assert text_encoder_prefixes(kohya) == KOHYA_TEXT_PREFIXES[model]
+            from_kohya = load_pipeline(model)
+            from_kohya.load_lora_weights(checkpoint, weight_name=KOHYA_WEIGHTS_NAME)
+            np.testing.assert_allclose(image(from_kohya, prompt), generated, atol=1e-6)
+        if model == "tiny-sdxl":
+            sdxl_checkpoints[method] = checkpoint
+    assert len(finals) == len(trials) and set(best.values()) <= finals
     check_sdxl_checkpoints(sdxl_checkpoints)
 
     # DreamBooth's SDXL class image (cached by the trial: found, not generated again) is what

@@ -43,8 +43,8 @@ def configs_only(source: Path, destination: Path) -> Path:
 
 
 def test_family_is_read_from_the_configs_not_the_name(tmp_path: Path) -> None:
-    expected = {"tiny": ("sd1", 64, "epsilon"), "tiny-sd2": ("sd2", 64, "v_prediction")}
-    expected["tiny-sdxl"] = ("sdxl", 32, "epsilon")  # 8 (VAE) × 4 (three UNet levels)
+    expected = {"tiny": ("sd1", 8, "epsilon"), "tiny-sd2": ("sd2", 8, "v_prediction")}
+    expected["tiny-sdxl"] = ("sdxl", 8, "epsilon")  # the VAE's factor: 2 ** (4 blocks - 1)
     assert BUILTIN_MODELS == {name: family for name, (family, _, _) in expected.items()}
     for name, (family, multiple, prediction) in expected.items():
         folder = Path(resolve_model_source(name))
@@ -88,6 +88,11 @@ def test_a_folder_that_is_not_a_supported_pipeline_is_refused(tmp_path: Path) ->
     with pytest.raises(UnsupportedModel, match="block_out_channels") as refused:
         resolution_multiple(other)
     assert str(vae_config) in str(refused.value)
+    # JSON that is not an object: a refusal naming the file, not an AttributeError.
+    (other / "model_index.json").write_text("[]")
+    with pytest.raises(UnsupportedModel, match="holds a JSON list, not the object") as refused:
+        family_of_folder(other)
+    assert str(other / "model_index.json") in str(refused.value)
 
 
 @pytest.mark.parametrize(

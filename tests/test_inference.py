@@ -38,13 +38,21 @@ from contract.layout import (
     METRIC_SECONDS_PER_IMAGE_MEAN,
     METRIC_SECONDS_PER_IMAGE_P50,
     METRIC_SECONDS_PER_IMAGE_P90,
+    PARAM_BASE_MODEL,
+    PARAM_CLASS_TOKEN,
     PARAM_COMBINATIONS,
+    PARAM_IDENTIFIER,
+    PARAM_METHOD,
     PARAM_MODEL,
     PARAM_NEGATIVE_PROMPT,
+    PARAM_PLACEHOLDER_TOKEN,
     PARAM_SCHEDULER,
+    PARAM_SUBJECT,
     ROLE_COMBINATION,
     TAG_COMBINATION,
+    TAG_PROMPTS_DIGEST,
     TAG_ROLE,
+    TAG_SCORING_DIGEST,
 )
 from contract.spec import InferenceSpec, SpecError, load_any_spec
 from launch.cli import main
@@ -222,6 +230,114 @@ def test_the_combination_id_follows_what_decides_the_images() -> None:
     assert image_seed(0, 3, 1) == image_seed(0, 3, 1) != image_seed(0, 1, 3)
 
 
+def test_a_done_shard_is_pending_again_when_its_images_or_scoring_change(tmp_path: Path) -> None:
+    """done.json is for the shard's combinations, image keys and per-image scoring: a grown
+    last shard, other images per prompt, other shard sizes or per-image metrics make it pending
+    (its worker generates what is missing); a set-level metric less does not (only the finish
+    logs again)."""
+    from inference.shard import write_done
+    from launch.inference import prepare_study, shard_is_done
+
+    def done(**overrides: object) -> list[bool]:
+        spec = load_any_spec(write_spec(tmp_path, study(tmp_path, **overrides), "study.yaml"))
+        assert isinstance(spec, InferenceSpec)
+        return [shard_is_done(s) for s in prepare_study(spec, download=False).shards]
+
+    spec = load_any_spec(write_spec(tmp_path, study(tmp_path), "study.yaml"))
+    assert isinstance(spec, InferenceSpec)
+    for shard in prepare_study(spec, download=False).shards:  # 3 prompts: [0, 1] and [2]
+        shard.folder.mkdir(parents=True)
+        write_done(shard)  # as its worker leaves it
+    prompts = study(tmp_path)["prompts"]
+    metrics = study(tmp_path)["metrics"]
+    assert done() == [True, True]
+    assert done(prompts={**prompts, "n": 4}) == [True, False]  # the last shard grew
+    assert done(images_per_prompt=3) == [False, False]
+    assert done(shards={"prompts_per_shard": 1}) == [False, False, False]
+    assert done(metrics={**metrics, "names": ["aesthetics", "diversity"]}) == [False, False]
+    assert done(metrics={**metrics, "batch_size": 3}) == [False, False]
+    assert done(metrics={**metrics, "names": ["aesthetics", "clip_t"]}) == [True, True]
+    assert done(schedulers=["ddim"]) == [False, False]
+
+
+def test_a_summary_reads_only_the_grids_images_without_set_level_metrics(tmp_path: Path) -> None:
+    """Per-image means come from the sidecars, so only the sample grid's images are opened (a
+    study's thousands of PNGs are not); timing without a timed denoising loop has no rate."""
+    from PIL import PngImagePlugin
+
+    from contract.inference import Combination, StudyPrompt, image_key
+    from evaluation.evaluator import GRID_PROMPTS
+    from inference.shard import PNG_INFO_KEY
+    from inference.summary import summarize_combination
+
+    combination = Combination(
+        model=ResolvedModel(
+            label="a", base_model="tiny", identity="tiny", token="", class_token="c"
+        ),
+        scheduler=ResolvedScheduler(label="ddim", class_name="DDIMScheduler"),
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        negative_name="none",
+        negative_prompt=None,
+        resolution=8,
+        dtype="float32",
+        seed=0,
+    )
+    prompts = [StudyPrompt(index=i, text=f"a {{class}} {i}") for i in range(GRID_PROMPTS + 2)]
+    images = combination_folder(tmp_path, combination.combination_id) / IMAGES_DIR
+    images.mkdir(parents=True)
+    for prompt in prompts:
+        # No callback ran: no denoising step timed (denoise_seconds as inference.shard leaves it).
+        info = {"seconds": 0.5 + prompt.index, "denoiser_steps": 0, "denoise_seconds": -0.1}
+        info |= {"warmup": prompt.index == 0, "prompt_index": prompt.index, "image_index": 0}
+        sidecar = {**info, "prompt": prompt.text, "negative_prompt": None, "seed": 1}
+        sidecar |= {"phrases": {}, "metrics": {"aesthetics": float(prompt.index)}}
+        key = image_key(prompt, 0)
+        (images / f"{key}.json").write_text(json.dumps(sidecar))
+        if prompt.index < GRID_PROMPTS:  # the others' PNGs are never opened: left out here
+            chunk = PngImagePlugin.PngInfo()
+            chunk.add_text(PNG_INFO_KEY, json.dumps(info))
+            Image.new("RGB", (8, 8), (prompt.index, 0, 0)).save(
+                images / f"{key}.png", pnginfo=chunk
+            )
+    summary = summarize_combination(
+        tmp_path, combination, prompts, 1, per_image_metrics=["aesthetics"], set_scorer=None
+    )
+    assert summary.metrics["aesthetics"] == pytest.approx(np.mean(range(GRID_PROMPTS + 2)))
+    assert METRIC_DENOISER_ITERATIONS_PER_SECOND not in summary.metrics
+    assert summary.metrics[METRIC_SECONDS_PER_IMAGE_MEAN] == pytest.approx(
+        np.mean([0.5 + i for i in range(1, GRID_PROMPTS + 2)])  # without the warm-up
+    )
+    assert summary.grid.size == (8, 8 * GRID_PROMPTS) and len(summary.records) == GRID_PROMPTS + 2
+
+
+def test_a_turbo_or_lcm_model_asked_for_many_steps_or_guidance_is_warned_about(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = [
+        "tiny",
+        {"source": "tiny", "label": "tiny-turbo"},  # the style read from the name
+        {"source": "tiny", "label": "fast", "style": "lcm"},
+    ]
+    spec = study(tmp_path, models=models, num_inference_steps=[2, 20], guidance_scale=[7.5])
+    assert main(["validate", str(write_spec(tmp_path, spec, "study.yaml"))]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert warnings == [
+        "warning: models[1]: 'tiny-turbo' is a turbo model, distilled for 1-8 steps; "
+        "num_inference_steps [20] spend time for no gain",
+        "warning: models[1]: 'tiny-turbo' is a turbo model, trained without classifier-free "
+        "guidance; guidance_scale [7.5] > 1 degrades its images",
+        "warning: models[2]: 'fast' is a lcm model, distilled for 1-8 steps; "
+        "num_inference_steps [20] spend time for no gain",
+        "warning: models[2]: 'fast' is a lcm model, trained without classifier-free "
+        "guidance; guidance_scale [7.5] > 1 degrades its images",
+    ]
+    few = study(tmp_path, models=models[1:], num_inference_steps=[1, 4], guidance_scale=[1.0])
+    few["negative_prompt"] = {"none": None}
+    assert main(["validate", str(write_spec(tmp_path, few, "study.yaml"))]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def _child_runs(uri: str, experiment: str) -> list:
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
@@ -245,12 +361,12 @@ def register_checkpoint(tmp_path: Path, uri: str) -> None:
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run = client.create_run(client.create_experiment("small"))
     params = {
-        "subject": "robot",
-        "class_token": "toy",
-        "identifier": "sks",
-        "method": "textual_inversion",
-        "method.placeholder_token": "<{subject}>",
-        "base_model": "tiny",
+        PARAM_SUBJECT: "robot",
+        PARAM_CLASS_TOKEN: "toy",
+        PARAM_IDENTIFIER: "sks",
+        PARAM_METHOD: "textual_inversion",
+        PARAM_PLACEHOLDER_TOKEN: "<{subject}>",
+        PARAM_BASE_MODEL: "tiny",
     }
     for key, value in params.items():
         client.log_param(run.info.run_id, key, value)
@@ -273,15 +389,19 @@ def test_a_study_of_tiny_and_a_registered_checkpoint_logs_every_combination(
 ) -> None:
     """The quickstart's shape, smaller: a registered checkpoint (`models:/…@best`) and the
     base model × with/without a negative prompt (the schedulers and step counts are axes of
-    the same product: the combination id test covers them)."""
+    the same product: the combination id test covers them). Then the spec changes: fewer
+    combinations (the report leaves the old ones out); a fourth prompt for the last shard's
+    one and a per-image metric less (only that prompt's images are generated, the others are
+    scored again, every combination is logged again over the four prompts); a set-level
+    metric less (logged again, nothing scored again per image)."""
     register_checkpoint(tmp_path, f"sqlite:///{tmp_path / 'registry.db'}")
     copy_subject("robot", tmp_path / "references")
     spec = study(
         tmp_path,
         models=["tiny", {"source": "models:/small.robot.textual_inversion@best", "label": "ti"}],
         registry=f"sqlite:///{tmp_path / 'registry.db'}",
-        prompts={"template": "object", "n": 2, "token": "sks", "class_token": "toy"},
-        shards={"prompts_per_shard": 2},
+        prompts={"template": "object", "n": 3, "token": "sks", "class_token": "toy"},
+        shards={"prompts_per_shard": 2},  # the second shard holds one prompt
         schedulers=["ddim"],
         images_per_prompt=1,
         metrics={
@@ -325,7 +445,7 @@ def test_a_study_of_tiny_and_a_registered_checkpoint_logs_every_combination(
             )
         finally:
             mlflow.set_tracking_uri(previous)
-        assert len(records) == 2
+        assert len(records) == 3
         assert {
             "prompt_index",
             "image_index",
@@ -372,6 +492,58 @@ def test_a_study_of_tiny_and_a_registered_checkpoint_logs_every_combination(
     with (report / "combinations.csv").open(encoding="utf-8") as handle:
         assert {r["negative prompt"] for r in csv.DictReader(handle)} == {"none"}
     assert client.get_run(parent.info.run_id).data.metrics[METRIC_COMBINATIONS] == 2
+
+    # A fourth prompt (the last shard's second) and no clip_t: its done.json no longer fits it.
+    study_dir = tmp_path / "runs" / "study"
+    logs = {p: p.read_text().splitlines() for p in study_dir.glob("shards/*/generated.log")}
+    pngs = {p: p.stat().st_mtime_ns for p in study_dir.rglob("*.png")}
+    metrics = {**spec["metrics"], "names": ["similarity", "aesthetics", "diversity"]}
+    grown = {
+        **spec,
+        "negative_prompt": {"none": None},
+        "prompts": {**spec["prompts"], "n": 4},
+        "metrics": metrics,
+    }
+    write_spec(tmp_path, grown, "study.yaml")
+    assert main(["run", str(path)]) == 0
+    new_lines = {p: p.read_text().splitlines()[len(lines) :] for p, lines in logs.items()}
+    assert new_lines[study_dir / "shards" / "shard_0000" / "generated.log"] == []
+    added = new_lines[study_dir / "shards" / "shard_0001" / "generated.log"]
+    assert len(added) == 2 and all(line.split()[1].startswith("p000003_i000_") for line in added)
+    assert all(p.stat().st_mtime_ns == t for p, t in pngs.items())  # scored again, not redrawn
+    sidecars = [json.loads(p.read_text()) for p in study_dir.glob("combinations/*/images/*.json")]
+    current = {
+        r.data.tags[TAG_COMBINATION]
+        for r in again
+        if r.data.params[PARAM_NEGATIVE_PROMPT] == "none"
+    }
+    rescored = [s for s in sidecars if s["combination_id"] in current]
+    assert len(rescored) == 2 * 4 and all("clip_t" not in s["metrics"] for s in rescored)
+    from launch.inference import prepare_study
+
+    now = prepare_study(load_any_spec(path), download=False)
+    logged = [
+        r
+        for r in _child_runs(uri, "study")
+        if r.data.tags[TAG_PROMPTS_DIGEST] == now.prompts_digest
+        and r.data.tags.get(TAG_SCORING_DIGEST) == now.scoring_digest
+    ]
+    assert len(logged) == 2 and {r.info.status for r in logged} == {"FINISHED"}
+    assert all(set(r.data.metrics) == {*metrics["names"], *TIMING} for r in logged)
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+    # A set-level metric less: no image is scored again, the combinations are logged again for
+    # this scoring (same prompts), and the report reads those runs, not the earlier scoring's.
+    scored = {p: p.stat().st_mtime_ns for p in study_dir.glob("combinations/*/images/*.json")}
+    fewer = {**metrics, "names": ["similarity", "aesthetics"]}
+    write_spec(tmp_path, {**grown, "metrics": fewer}, "study.yaml")
+    assert main(["run", str(path)]) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in scored.items())
+    assert main(["report", str(path)]) == 0
+    with (report / "combinations.csv").open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["combination"] for r in rows} == current
+    assert "diversity" not in rows[0] and "aesthetics" in rows[0]
 
 
 def _shard_worker(shard_json: Path) -> AbstractContextManager[RunningWorker]:

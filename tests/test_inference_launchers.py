@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from rich.console import Console
 
-from contract.layout import ROLE_COMBINATION, TAG_COMBINATION, TAG_ROLE
+from contract.layout import ROLE_COMBINATION, ROLE_INFERENCE_STUDY, TAG_COMBINATION, TAG_ROLE
 from contract.spec import InferenceSpec, load_any_spec
 
 
@@ -134,6 +134,25 @@ def test_a_study_on_slurm_and_on_ray_equals_the_local_one(
     assert again.logged == [] and again.failed_shards == []
     assert json.loads((slurm.resolved_output_dir / "slurm" / "jobs.json").read_text()) == jobs
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+def test_a_ray_address_without_a_cluster_is_an_error_naming_it_and_fails_the_study_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from launch.cli import main
+
+    path = write_spec(tmp_path, small_study({"kind": "ray", "address": "nowhere"}), "study.yaml")
+    assert main(["run", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert "error: launcher.address: 1 problem" in error
+    assert "'nowhere': no Ray cluster could be joined" in error and "Traceback" not in error
+    spec = load_any_spec(path)
+    client = MlflowClient(tracking_uri=spec.tracking_uri)
+    experiment = client.get_experiment_by_name(spec.experiment_name)
+    (parent,) = client.search_runs(
+        [experiment.experiment_id], f"tags.`{TAG_ROLE}` = '{ROLE_INFERENCE_STUDY}'"
+    )
+    assert parent.info.status == "FAILED"  # not left RUNNING
 
 
 def test_a_shard_another_submission_holds_is_left_untouched(tmp_path: Path) -> None:

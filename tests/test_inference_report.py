@@ -34,6 +34,7 @@ from contract.layout import (
     PARAM_NEGATIVE_PROMPT,
     PARAM_SCHEDULER,
     ROLE_COMBINATION,
+    ROLE_INFERENCE_STUDY,
     TAG_COMBINATION,
     TAG_PROMPTS_DIGEST,
     TAG_ROLE,
@@ -350,7 +351,7 @@ def test_bad_weights_and_epsilon_are_refused_naming_every_problem(study: dict, t
             tracking_uri=study["uri"],
             experiment="study",
             study="study",
-            weights={"fid": 1.0, "identity": 1.0, "clip_t": 1.0, "seconds": 1.0},
+            weights={"fid": 1.0, "identity": 1.0, "clip_t": 1.0, "seconds": 1.0, "aesthetics": -1},
             ranges={},
             steps_within=-0.1,
             output_dir=tmp_path / "refused",
@@ -361,6 +362,7 @@ def test_bad_weights_and_epsilon_are_refused_naming_every_problem(study: dict, t
     assert "'clip_t' has no min–max range" in message
     assert "'seconds' is not a quality metric" in message
     assert "steps_within: -0.1 must be ≥ 0" in message
+    assert "weights: aesthetics must be >= 0, got -1" in message
     assert not (tmp_path / "refused").exists()  # refused before anything is written
     with pytest.raises(ReportError, match="no inference study 'study' in experiment 'nope'"):
         write_inference_report(
@@ -452,6 +454,28 @@ def test_report_before_the_study_ran_is_an_error_not_a_traceback(
     assert "run the study first" in error and "Traceback" not in error
 
 
+def test_a_study_run_without_its_combinations_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    """A parent run whose `dreamsweep run` stopped before it recorded its combinations (MLflow
+    raises MlflowException, not OSError, for the missing artifact)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = InferenceTracking(uri, "bare", artifact_root=tmp_path / "art")
+    run_id = tracking.client.create_run(
+        tracking.experiment_id, tags={TAG_ROLE: ROLE_INFERENCE_STUDY, TAG_SWEEP: "bare"}
+    ).info.run_id
+    with pytest.raises(ReportError) as refused:
+        write_inference_report(
+            tracking_uri=uri,
+            experiment="bare",
+            study="bare",
+            weights=WEIGHTS,
+            ranges=RANGES,
+            steps_within=EPSILON,
+            output_dir=tmp_path / "report",
+        )
+    assert f"the study run {run_id} has no combinations.json" in str(refused.value)
+    assert "run the study again" in str(refused.value)
+
+
 def test_a_negative_prompt_text_named_none_is_refused(tmp_path: Path) -> None:
     path = inference_spec(tmp_path, negative_prompt={"none": "blurry", "off": None})
     with pytest.raises(SpecError) as refused:
@@ -494,6 +518,7 @@ def test_a_combination_without_a_negative_prompt_is_logged_as_none(tmp_path: Pat
         "named",
         combination,
         prompts_digest="p",
+        scoring_digest="s",
         metrics={"aesthetics": 0.5},
         records=[{"prompt_index": 0, "aesthetics": 0.5}],
         grid=Image.new("RGB", (8, 8)),

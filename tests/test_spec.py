@@ -447,14 +447,14 @@ def test_validate_summary_lists_the_step_grid(
 
 
 def pipeline_folder(
-    folder: Path, pipeline: str = "StableDiffusionXLPipeline", *, down_blocks: int = 3
+    folder: Path, pipeline: str = "StableDiffusionXLPipeline", *, vae_blocks: int = 5
 ) -> Path:
     """A diffusers folder's configs (no weights): what validation reads of a model. Its pixel
-    multiple is the VAE's 8 × the UNet's 2 ** (down_blocks - 1)."""
+    multiple is its VAE's factor, 2 ** (vae_blocks - 1): 16 by default."""
     for relative, config in {
         "model_index.json": {"_class_name": pipeline},
-        "unet/config.json": {"down_block_types": ["DownBlock2D"] * down_blocks},
-        "vae/config.json": {"block_out_channels": [32, 64, 64, 64]},
+        "unet/config.json": {"down_block_types": ["DownBlock2D"] * 3},
+        "vae/config.json": {"block_out_channels": [32] * vae_blocks},
         "scheduler/scheduler_config.json": {"prediction_type": "epsilon"},
     }.items():
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -465,8 +465,8 @@ def pipeline_folder(
 def test_every_base_model_problem_is_reported_at_once(tmp_path: Path) -> None:
     """An unsupported pipeline, a folder without a VAE, a duplicate (by its resolved folder),
     two folders with one short name, resolutions the model cannot take (an entry's own and
-    train's, a toy model's too, a repeated entry's once), an unknown entry key: one pass."""
-    xl = pipeline_folder(tmp_path / "xl")  # multiple 8 × 4 = 32
+    train's, a repeated entry's once), an unknown entry key: one pass."""
+    xl = pipeline_folder(tmp_path / "xl")  # multiple 16 (a VAE of five blocks)
     other_xl = pipeline_folder(tmp_path / "other" / "xl")
     pipeline_folder(tmp_path / "flux", "FluxPipeline")
     shutil.rmtree(pipeline_folder(tmp_path / "no-vae") / "vae")
@@ -476,7 +476,7 @@ def test_every_base_model_problem_is_reported_at_once(tmp_path: Path) -> None:
         base_model=[
             "tiny",
             "./flux",
-            {"id": "./xl", "resolution": 48},
+            {"id": "./xl", "resolution": 40},
             "./xl/../xl",
             "./no-index",
             {"id": "tiny-sdxl", "precision": "bf16"},
@@ -509,19 +509,17 @@ def test_every_base_model_problem_is_reported_at_once(tmp_path: Path) -> None:
         f"base_model[8]: {str(other_xl)!r} has the short name 'xl' of base_model[2] "
         f"({str(xl)!r}), which names its trials' labels and registered models; rename one of "
         "the folders",
-        "train.resolution: 72 px is not a multiple of 64, the pixel multiple 'tiny' (sd1) can "
-        "take; use e.g. 64",  # once: base_model[6] is the same model
-        f"base_model[2].resolution: 48 px is not a multiple of 32, the pixel multiple "
+        f"base_model[2].resolution: 40 px is not a multiple of 16, the pixel multiple "
         f"{str(xl)!r} (sdxl) can take; use e.g. 32",
-        f"train.resolution: 72 px is not a multiple of 32, the pixel multiple {str(other_xl)!r} "
-        "(sdxl) can take; use e.g. 64",
+        f"train.resolution: 72 px is not a multiple of 16, the pixel multiple {str(other_xl)!r} "
+        "(sdxl) can take; use e.g. 64",  # once: base_model[3] is the same model as [2]
     ]
     # Valid entries validate the same checks in the cross-section pass; a hub id and a folder
-    # of one short name (`a/b`, `a--b`) are refused too, and a toy model's multiple is known.
+    # of one short name (`a/b`, `a--b`) are refused too; a toy model at 80 px is valid.
     pipeline_folder(tmp_path / "a--b")
     spec["base_model"] = [
         "tiny",
-        {"id": "./xl", "resolution": 48},
+        {"id": "./xl", "resolution": 40},
         "tiny",
         "a/b",
         "./a--b",
@@ -533,10 +531,8 @@ def test_every_base_model_problem_is_reported_at_once(tmp_path: Path) -> None:
         f"base_model[4]: {str(tmp_path / 'a--b')!r} has the short name 'a--b' of base_model[3] "
         "('a/b'), which names its trials' labels and registered models; rename one of the "
         "folders",
-        f"base_model[1].resolution: 48 px is not a multiple of 32, the pixel multiple "
+        f"base_model[1].resolution: 40 px is not a multiple of 16, the pixel multiple "
         f"{str(xl)!r} (sdxl) can take; use e.g. 32",
-        "base_model[5].resolution: 80 px is not a multiple of 32, the pixel multiple "
-        "'tiny-sdxl' (sdxl) can take; use e.g. 64",
     ]
 
 

@@ -1,7 +1,8 @@
 """An inference study's runs in MLflow: one experiment, a parent run per study (role
 `inference_study`: the number of combinations, the spec as an artifact), a child run per
 combination (role `combination`, tagged with its id: params, metric means, timing, the per-image
-records table and a sample grid). Names are `contract.layout`'s."""
+records table and a sample grid; tagged with the prompt set's and the scoring's digests, so
+more prompts or other metric settings log another run). Names are `contract.layout`'s."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from contract.layout import (
     TAG_MEMORY_SOURCE,
     TAG_PROMPTS_DIGEST,
     TAG_ROLE,
+    TAG_SCORING_DIGEST,
     TAG_SWEEP,
 )
 from tracking.sweep import SweepTracking, _quoted
@@ -49,11 +51,18 @@ class InferenceTracking(SweepTracking):
     """The study's experiment, parent run and combination runs."""
 
     def study_run(
-        self, study: str, *, combination_ids: list[str], prompts_digest: str, spec_yaml: str
+        self,
+        study: str,
+        *,
+        combination_ids: list[str],
+        prompts_digest: str,
+        spec_yaml: str,
+        scoring_digest: str | None = None,
     ) -> str:
         """The study's parent run id, created on first use; each run records the spec and its
-        combination ids (`STUDY_COMBINATIONS_FILE`, `METRIC_COMBINATIONS`): the spec may have
-        changed since, and the report reads only the current combinations."""
+        combination ids, prompts and scoring digests (`STUDY_COMBINATIONS_FILE`,
+        `METRIC_COMBINATIONS`): the spec may have changed since, and the report reads only the
+        current combinations (of that scoring, when recorded)."""
         runs = self._search(
             f"{_quoted(TAG_ROLE)} = '{ROLE_INFERENCE_STUDY}' and {_quoted(TAG_SWEEP)} = '{study}'"
         )
@@ -68,16 +77,21 @@ class InferenceTracking(SweepTracking):
             self.client.log_param(run_id, PARAM_COMBINATIONS, str(len(combination_ids)))
         self.client.log_metric(run_id, METRIC_COMBINATIONS, len(combination_ids))
         current = {"prompts_digest": prompts_digest, "combination_ids": sorted(combination_ids)}
+        if scoring_digest is not None:
+            current["scoring_digest"] = scoring_digest
         self.client.log_dict(run_id, current, STUDY_COMBINATIONS_FILE)
         self.client.log_text(run_id, spec_yaml, STUDY_SPEC_FILE)
         return run_id
 
-    def combination_runs(self, parent_run_id: str, prompts_digest: str) -> dict[str, Run]:
-        """combination id → its child run over these prompts (the earliest, should two ever
-        exist)."""
+    def combination_runs(
+        self, parent_run_id: str, prompts_digest: str, scoring_digest: str
+    ) -> dict[str, Run]:
+        """combination id → its child run over these prompts, scored so (the earliest, should
+        two ever exist)."""
         runs = self._search(
             f"{_quoted(MLFLOW_PARENT_RUN_ID)} = '{parent_run_id}' and "
-            f"{_quoted(TAG_PROMPTS_DIGEST)} = '{prompts_digest}'"
+            f"{_quoted(TAG_PROMPTS_DIGEST)} = '{prompts_digest}' and "
+            f"{_quoted(TAG_SCORING_DIGEST)} = '{scoring_digest}'"
         )
         found: dict[str, Run] = {}
         for run in sorted(runs, key=lambda r: r.info.start_time, reverse=True):
@@ -86,13 +100,12 @@ class InferenceTracking(SweepTracking):
                 found[combination_id] = run
         return found
 
-    def finished_combinations(self, parent_run_id: str, prompts_digest: str) -> set[str]:
+    def finished_combinations(
+        self, parent_run_id: str, prompts_digest: str, scoring_digest: str
+    ) -> set[str]:
         finished = RunStatus.to_string(RunStatus.FINISHED)
-        return {
-            cid
-            for cid, run in self.combination_runs(parent_run_id, prompts_digest).items()
-            if run.info.status == finished
-        }
+        runs = self.combination_runs(parent_run_id, prompts_digest, scoring_digest)
+        return {cid for cid, run in runs.items() if run.info.status == finished}
 
     def log_combination(
         self,
@@ -101,6 +114,7 @@ class InferenceTracking(SweepTracking):
         combination: Combination,
         *,
         prompts_digest: str,
+        scoring_digest: str,
         metrics: dict[str, float],
         records: list[dict[str, Any]],
         grid: Image.Image,
@@ -109,7 +123,7 @@ class InferenceTracking(SweepTracking):
         """The combination's child run, written whole and closed FINISHED. A run left open by
         an interrupted finish is reused and completed (params and artifacts overwrite)."""
         cid = combination.combination_id
-        existing = self.combination_runs(parent_run_id, prompts_digest).get(cid)
+        existing = self.combination_runs(parent_run_id, prompts_digest, scoring_digest).get(cid)
         if existing is not None:
             run_id = existing.info.run_id
         else:
@@ -123,6 +137,7 @@ class InferenceTracking(SweepTracking):
                     TAG_SWEEP: study,
                     TAG_COMBINATION: cid,
                     TAG_PROMPTS_DIGEST: prompts_digest,
+                    TAG_SCORING_DIGEST: scoring_digest,
                 },
             ).info.run_id
         params = {

@@ -17,6 +17,7 @@ from contract.layout import (
     EVAL_PROMPTS_FILE,
     PARAM_BASE_MODEL,
     PARAM_CLASS_TOKEN,
+    PARAM_IDENTIFIER,
     PARAM_METHOD,
     PARAM_NUM_IMAGES,
     PARAM_OUTPUT_DIR,
@@ -27,6 +28,7 @@ from contract.layout import (
     TAG_ROLE,
     TAG_SWEEP,
     TAG_TRIAL,
+    method_param,
 )
 from contract.trial import TrialConfig
 
@@ -145,10 +147,10 @@ class SweepTracking:
         params = {
             PARAM_SUBJECT: trial.subject.name,
             PARAM_CLASS_TOKEN: trial.subject.class_token,
-            "identifier": trial.subject.identifier,
+            PARAM_IDENTIFIER: trial.subject.identifier,
             PARAM_METHOD: trial.method,
             **{
-                f"method.{k}": v
+                method_param(k): v
                 for k, v in trial.options.model_dump().items()
                 if k != "learning_rate"
             },
