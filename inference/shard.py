@@ -168,10 +168,7 @@ def _generate(
         image_index=job.image_index,
         resolution=resolution,
     )
-    denoiser = (
-        pipeline.unet if getattr(pipeline, "unet", None) is not None else pipeline.transformer
-    )
-    hook = denoiser.register_forward_pre_hook(first_denoiser_call)
+    hook = pipeline.unet.register_forward_pre_hook(first_denoiser_call)  # every family has one
     started = time.perf_counter()
     try:
         result = pipeline(

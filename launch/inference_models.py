@@ -49,7 +49,7 @@ def _references(spec: InferenceSpec, index: int, entry: ModelSpec) -> list[tuple
         trained = load_any_spec(entry.best_of)
         assert isinstance(trained, SweepSpec), "checked with the spec"
         # A sweep over several base models registers a best per subject × method × model.
-        bases = [m.id for m in trained.base_model] if len(trained.base_model) > 1 else [None]
+        bases = [m.id for m in trained.base_model] if trained.compares_models else [None]
         names = [
             registered_model_name(trained.name, s.name, method, base)
             for s in trained.subjects
