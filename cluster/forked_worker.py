@@ -19,7 +19,7 @@ import os
 import shlex
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from multiprocessing.reduction import DupFd
 from typing import Any
@@ -29,7 +29,8 @@ from cluster.worker import WORKER_ENTRY, RunningWorker
 PRELOAD = "cluster.worker_imports"
 """The module the fork server imports when it starts: everything the entries' `main` import."""
 TRIAL_ENTRY = WORKER_ENTRY[-1]
-"""`cluster.trial`: a training trial's worker."""
+"""`cluster.trial`: a training trial's worker (`cluster.pack`: a pack's, holding every
+member's claim)."""
 
 _FORK_SERVER = multiprocessing.get_context("forkserver")
 # Trials start and end on several threads, and multiprocessing's Process is not thread-safe:
@@ -54,13 +55,19 @@ def _received_fd(passed: Any) -> int:
 
 @contextmanager
 def forked_worker(
-    argv: list[str], env: dict[str, str], claim: int | None, *, entry: str = TRIAL_ENTRY
+    argv: list[str],
+    env: dict[str, str],
+    claim: int | Sequence[int] | None,
+    *,
+    entry: str = TRIAL_ENTRY,
 ) -> Iterator[RunningWorker]:
     """A single-process worker (module `entry`'s `main` with arguments `argv`) forked from the
-    fork server, holding the trial's `claim` too (None: the worker claims for itself, as an
-    inference shard does). The server (multiprocessing's, one per process that forks workers)
-    imports `PRELOAD` when it starts, so each worker skips the imports; the fork is a process
-    like any other (killed, reaped and reported by its exit status as one)."""
+    fork server, holding the trial's `claim` too (a pack's worker: every member's claim; None:
+    the worker claims for itself, as an inference shard does). The server (multiprocessing's,
+    one per process that forks workers) imports `PRELOAD` when it starts, so each worker skips
+    the imports; the fork is a process like any other (killed, reaped and reported by its exit
+    status as one)."""
+    claims = [] if claim is None else [claim] if isinstance(claim, int) else list(claim)
     read_end, write_end = os.pipe()
     try:
         worker = _FORK_SERVER.Process(
@@ -69,7 +76,7 @@ def forked_worker(
                 argv,
                 env,
                 _PassedFd(write_end),
-                None if claim is None else _PassedFd(claim),
+                [_PassedFd(fd) for fd in claims],
                 entry,
             ),
             name=f"{entry} {argv[0]}",
@@ -102,13 +109,13 @@ def run_forked(
     argv: list[str],
     environment: dict[str, str],
     output: int,
-    claim: int | None,
+    claim: list[int],
     entry: str = TRIAL_ENTRY,
 ) -> None:
     """`<entry>.main(argv)` in a forked process: it takes the launcher's environment of now
     (the server's is that of its start), writes stdout and stderr to `output`, and holds
-    `claim` (the trial's claim, cluster/claims.py) open while it lives. `ps` shows it under the
-    command line it would have had as a process of its own."""
+    `claim` (the claims of its trials, cluster/claims.py) open while it lives. `ps` shows it
+    under the command line it would have had as a process of its own."""
     import setproctitle
     import torch
 

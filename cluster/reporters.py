@@ -11,28 +11,35 @@ from trainers.reporting import Reporter
 
 
 class ProgressReporter:
-    """Emits progress events on stdout for the launcher's progress bars."""
+    """Emits progress events on stdout for the launcher's progress bars; with `trial_id` (a
+    pack's member, whose worker trains several trials), every event carries it."""
+
+    def __init__(self, trial_id: str | None = None) -> None:
+        self.fields = {} if trial_id is None else {"trial_id": trial_id}
+
+    def _emit(self, event: str, **fields: object) -> None:
+        events.emit(event, **self.fields, **fields)
 
     def on_start(self, *, start_step: int, max_steps: int, setup: dict[str, str]) -> None:
-        events.emit("start", start_step=start_step, max_steps=max_steps)
+        self._emit("start", start_step=start_step, max_steps=max_steps)
 
     def on_train_step(self, step: int, *, loss: float, lr: float) -> None:
-        events.emit("step", step=step, loss=loss)
+        self._emit("step", step=step, loss=loss)
 
     def on_evaluation(self, step: int, evaluation: Evaluation) -> None:
-        events.emit("evaluation", step=step, metrics=evaluation.metrics)
+        self._emit("evaluation", step=step, metrics=evaluation.metrics)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
-        events.emit("checkpoint", step=step, path=str(path))
+        self._emit("checkpoint", step=step, path=str(path))
 
     def on_checkpoint_removed(self, step: int) -> None:
         pass
 
     def on_early_stop(self, step: int, reason: str) -> None:
-        events.emit("early_stop", step=step, reason=reason)
+        self._emit("early_stop", step=step, reason=reason)
 
     def on_finish(self) -> None:
-        events.emit("finish")
+        self._emit("finish")
 
 
 class Reporters:

@@ -3,7 +3,9 @@
 Every launcher ends here (directly, under torchrun for several processes, or forked by the local
 launcher from a server that imported the worker's code once: cluster/forked_worker.py). The main
 process opens (or reopens, on a retry) the trial's MLflow child run and trains into it; the run
-is marked FAILED with the error if training raises, and the exit status is non-zero.
+is marked FAILED with the error if training raises, and the exit status is non-zero. A pack's
+worker (cluster/pack.py) starts as this one does (`start_worker`) and records each member's run
+the same way (`open_recording`, `TrialRecording`).
 """
 
 from __future__ import annotations
@@ -16,12 +18,22 @@ import socket
 import sys
 import threading
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import PartialState
 
 from cluster.signals import DIE_WITH_PARENT, REQUEUE_EXIT, SCHEDULER_SIGNALS, die_with_parent
+from contract.layout import TAG_ERROR, TAG_PAUSED
+
+if TYPE_CHECKING:
+    from cluster.reporters import Reporters
+    from contract.trial import TrialConfig
+    from tracking.reporter import MlflowReporter
+    from tracking.sweep import SweepTracking
+    from trainers.reporting import Stopper
 
 
 def _quiet_libraries() -> None:
@@ -57,6 +69,84 @@ def _raised_by_a_collective(err: BaseException) -> bool:
     return "gloo" in str(err) or "NCCL" in str(err)
 
 
+def start_worker() -> threading.Event:
+    """What a worker (a trial's, a pack's: cluster/pack.py) does first: die with its parent
+    where asked, catch SLURM's time-limit or preemption signals (cluster/slurm.py) from the
+    start, and quiet the libraries. Returns the event those signals set: the loop checkpoints
+    at its next step and stops."""
+    if os.environ.get(DIE_WITH_PARENT):
+        die_with_parent()
+    pause_requested = threading.Event()
+    for scheduler_signal in SCHEDULER_SIGNALS:
+        signal.signal(scheduler_signal, lambda *_: pause_requested.set())
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
+    from tracking.journal import fail_fast_over_http
+
+    fail_fast_over_http()
+    return pause_requested
+
+
+@dataclass
+class TrialRecording:
+    """A trial's MLflow child run as its worker writes it: the run's reporter, every reporter
+    of the trial (MLflow's, then the launcher's progress events) and its early stopper."""
+
+    config: TrialConfig
+    run_id: str
+    mlflow: MlflowReporter
+    reporter: Reporters
+    stopper: Stopper | None
+
+    def paused(self, step: int) -> None:
+        """It checkpointed `step` to be requeued: KILLED until it resumes, saying where."""
+        self.mlflow.flush()
+        self.mlflow.writer.set_tags({TAG_PAUSED: str(step)})
+        self.mlflow.writer.set_terminated("KILLED")
+
+    def failed(self, err: BaseException, *, distributed: bool) -> None:
+        """Training raised `err`: the run is FAILED (KILLED for Ctrl-C) with the error."""
+        # Recorded when the store takes it; a store that refuses it too must not hide `err`
+        # (the launcher marks the run FAILED from the exit status all the same).
+        with contextlib.suppress(Exception):
+            self.mlflow.flush()
+            error = describe_error(err, distributed=distributed)[:4000]
+            self.mlflow.writer.set_tags({TAG_ERROR: error})
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            self.mlflow.writer.set_terminated(status)
+
+
+def open_recording(
+    tracking: SweepTracking, parent_run_id: str, config: TrialConfig, *, tag_events: bool = False
+) -> TrialRecording:
+    """Open (or reopen, on a retry) the trial's child run, with its reporters and its early
+    stopper; `tag_events`: its progress events carry its trial id (a pack's member, which
+    shares its worker's output with the other members)."""
+    from cluster import events
+    from cluster.reporters import ProgressReporter, Reporters
+    from selection.stopping import early_stopper
+    from tracking.reporter import MlflowReporter
+
+    trial_id = config.trial_id if tag_events else None
+    tagged = {} if trial_id is None else {"trial_id": trial_id}
+    run_id = tracking.trial_run(parent_run_id, config)
+    mlflow_reporter = MlflowReporter(
+        tracking.client,
+        run_id,
+        config.output_dir,
+        on_writes_pending=lambda writes: events.emit("journal_pending", writes=writes, **tagged),
+    )
+    # A resumed trial's stopper first reads what the run logged before the interruption.
+    history = tracking.evaluations(run_id, config.eval.metrics)
+    return TrialRecording(
+        config=config,
+        run_id=run_id,
+        mlflow=mlflow_reporter,
+        reporter=Reporters(mlflow_reporter, ProgressReporter(trial_id)),
+        stopper=early_stopper(config.selection, config.eval.metrics, history),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.trial", description=__doc__)
     parser.add_argument("trial_json", type=Path, help="trial.json written by the launcher")
@@ -65,26 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         "--optuna-trial", type=Path, help="a sampled trial's Optuna trial (optuna_trial.json)"
     )
     args = parser.parse_args(argv)
-    if os.environ.get(DIE_WITH_PARENT):
-        die_with_parent()
-    # SLURM's time-limit or preemption signal (cluster/slurm.py), caught from the start: the
-    # loop checkpoints at its next step and stops.
-    pause_requested = threading.Event()
-    for scheduler_signal in SCHEDULER_SIGNALS:
-        signal.signal(scheduler_signal, lambda *_: pause_requested.set())
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _quiet_libraries()
-    from tracking.journal import fail_fast_over_http
-
-    fail_fast_over_http()
-    from cluster import events
+    pause_requested = start_worker()
     from cluster.accelerator import make_accelerator, precision_problem
-    from cluster.reporters import ProgressReporter, Reporters
-    from contract.layout import TAG_ERROR, TAG_PAUSED
+    from cluster.reporters import Reporters
     from contract.trial import TrialConfig
-    from selection.stopping import early_stopper
-    from tracking.reporter import MlflowReporter
     from tracking.sweep import SweepTracking
     from trainers.loop import train_trial
     from trainers.reporting import TrialPaused
@@ -104,26 +178,20 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    tracking = run_id = stopper = None
+    recording = stopper = None
     reporter = Reporters()  # other ranks report nothing
     if state.is_main_process:
-        tracking = SweepTracking(config.tracking_uri, config.experiment)
-        run_id = tracking.trial_run(args.parent_run_id, config)
-        mlflow_reporter = MlflowReporter(
-            tracking.client,
-            run_id,
-            config.output_dir,
-            on_writes_pending=lambda writes: events.emit("journal_pending", writes=writes),
+        recording = open_recording(
+            SweepTracking(config.tracking_uri, config.experiment), args.parent_run_id, config
         )
-        reporter = Reporters(mlflow_reporter, ProgressReporter())
-        # A resumed trial's stopper first reads what the run logged before the interruption.
-        history = tracking.evaluations(run_id, config.eval.metrics)
-        stopper = early_stopper(config.selection, config.eval.metrics, history)
         if args.optuna_trial is not None:
             from cluster.optuna_trial import sampled_trial_stopper
 
-            set_tags = mlflow_reporter.writer.set_tags
-            stopper = sampled_trial_stopper(args.optuna_trial, config, set_tags, stopper)
+            set_tags = recording.mlflow.writer.set_tags
+            recording.stopper = sampled_trial_stopper(
+                args.optuna_trial, config, set_tags, recording.stopper
+            )
+        reporter, stopper = recording.reporter, recording.stopper
     try:
         accelerator = make_accelerator(config.train)
         train_trial(
@@ -135,21 +203,12 @@ def main(argv: list[str] | None = None) -> int:
             can_stop=args.optuna_trial is not None,  # every rank joins the pruner's decision
         )
     except TrialPaused as paused:
-        if tracking is not None and run_id is not None:
-            mlflow_reporter.flush()
-            mlflow_reporter.writer.set_tags({TAG_PAUSED: str(paused.step)})
-            mlflow_reporter.writer.set_terminated("KILLED")
+        if recording is not None:
+            recording.paused(paused.step)
         return REQUEUE_EXIT
     except BaseException as err:
-        if tracking is not None and run_id is not None:
-            # Recorded when the store takes it; a store that refuses it too must not hide `err`
-            # (the launcher marks the run FAILED from the exit status all the same).
-            with contextlib.suppress(Exception):
-                mlflow_reporter.flush()
-                error = describe_error(err, distributed=distributed)[:4000]
-                mlflow_reporter.writer.set_tags({TAG_ERROR: error})
-                status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-                mlflow_reporter.writer.set_terminated(status)
+        if recording is not None:
+            recording.failed(err, distributed=distributed)
         raise
     if not state.is_main_process:
         # Other ranks log nothing and hold nothing to flush. In a 2-node SLURM test a non-main

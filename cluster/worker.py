@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cluster import events
+from contract.packs import PACK_JSON, PackFile, pack_folder, pack_id
 from contract.trial import TrialConfig
 
 WORKER_ENTRY = ("-m", "cluster.trial")
@@ -58,6 +59,17 @@ def write_trial_json(trial: TrialConfig) -> Path:
     trial_json = trial.output_dir / TRIAL_JSON
     trial_json.write_text(trial.model_dump_json(indent=2), encoding="utf-8")
     return trial_json
+
+
+def write_pack(members: list[TrialConfig], sweep_output_dir: Path) -> Path:
+    """Each member's trial.json and the pack's `pack.json` (in `packs/<pack id>/`), where the
+    pack's worker reads them."""
+    folder = pack_folder(sweep_output_dir, members)
+    folder.mkdir(parents=True, exist_ok=True)
+    pack = PackFile(pack_id=pack_id(members), members=[write_trial_json(t) for t in members])
+    path = folder / PACK_JSON
+    path.write_text(pack.model_dump_json(indent=2), encoding="utf-8")
+    return path
 
 
 def worker_arguments(

@@ -93,31 +93,39 @@ class Evaluator:
         """The subject's reference embeddings on `eval.encoder` (what similarity compares to)."""
         return self.context.subject_reference
 
-    def generate(self, pipeline: DiffusionPipeline) -> list[Image.Image]:
-        # Batches never mix variants, so an image does not depend on whether the other variant
-        # is generated too (batch composition changes the numerics in the last bits).
+    def batches(self) -> list[list[ImageJob]]:
+        """The jobs in the pipeline calls they are generated in. Batches never mix variants, so
+        an image does not depend on whether the other variant is generated too (batch
+        composition changes the numerics in the last bits)."""
         size = self.spec.batch_size
         batches: list[list[ImageJob]] = []
         for variant in self.variants:
             jobs = [job for job in self.jobs if job.variant == variant]
             batches += [jobs[start : start + size] for start in range(0, len(jobs), size)]
-        images: list[Image.Image] = []
-        for chunk in batches:
-            negatives = [job.negative_prompt for job in chunk]
-            # CPU generators: the same noise whatever the accelerator.
-            generators = [torch.Generator("cpu").manual_seed(job.seed) for job in chunk]
-            result = pipeline(
-                prompt=[job.prompt for job in chunk],
-                negative_prompt=negatives if any(negatives) else None,
-                generator=generators,
-                num_inference_steps=self.spec.num_inference_steps,
-                guidance_scale=self.spec.guidance_scale,
-                height=self.resolution,
-                width=self.resolution,
-                output_type="pil",
-            )
-            images.extend(result.images)
-        return images
+        return batches
+
+    def generate_batch(
+        self, pipeline: DiffusionPipeline, jobs: list[ImageJob]
+    ) -> list[Image.Image]:
+        """One pipeline call for `jobs` (which may come from several evaluators of the same
+        `eval` spec: a pack's members, each row through its own weights)."""
+        negatives = [job.negative_prompt for job in jobs]
+        # CPU generators: the same noise whatever the accelerator.
+        generators = [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
+        result = pipeline(
+            prompt=[job.prompt for job in jobs],
+            negative_prompt=negatives if any(negatives) else None,
+            generator=generators,
+            num_inference_steps=self.spec.num_inference_steps,
+            guidance_scale=self.spec.guidance_scale,
+            height=self.resolution,
+            width=self.resolution,
+            output_type="pil",
+        )
+        return list(result.images)
+
+    def generate(self, pipeline: DiffusionPipeline) -> list[Image.Image]:
+        return [image for jobs in self.batches() for image in self.generate_batch(pipeline, jobs)]
 
     def measure(self, images: list[Image.Image]) -> tuple[dict[str, float], dict[str, list]]:
         """The curves' values and each image's own values (records column → one value per job:
@@ -165,6 +173,11 @@ class Evaluator:
     def __call__(self, pipeline: DiffusionPipeline) -> Evaluation:
         started = time.perf_counter()
         images = self.generate(pipeline)
+        return self.evaluation(images, started=started)
+
+    def evaluation(self, images: list[Image.Image], *, started: float) -> Evaluation:
+        """Measure generated `images` (in job order); `eval_seconds` counts from `started`
+        (`time.perf_counter()` when generation began)."""
         metrics, per_image = self.measure(images)
         metrics[METRIC_EVAL_SECONDS] = time.perf_counter() - started
         return Evaluation(

@@ -39,6 +39,7 @@ from launch.slurm import SlurmError
 
 
 def _validate(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
+    from contract.packs import packing_notes
     from launch.grid import expand_grid
 
     resolved = spec.model_dump(mode="json")
@@ -70,6 +71,8 @@ def _validate(spec: SweepSpec, console: Console, args: argparse.Namespace) -> in
             for m in spec.base_models
         )
         console.print(f"Base models compared: {models}.", markup=False, highlight=False)
+    for note in packing_notes(trials, spec.launcher.pack):  # none unless launcher.pack > 1
+        console.print(note, markup=False, highlight=False)
     if spec.search.kind == "optuna":
         console.print(f"Sampled over {', '.join(spec.search.space)}, one Optuna study per group.")
     return 0

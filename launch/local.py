@@ -5,12 +5,16 @@ A worker is `python -m cluster.trial`, forked from a server that imported the wo
 with several processes per trial, so multi-GPU runs the same way. A crashing trial is reported
 with the end of its log and the sweep goes on; finished trials found in MLflow are skipped, and
 so are trials another submission of the same sweep is training (their claim, `cluster.claims`,
-is held).
+is held). With `launcher.pack` > 1 the LoRA and textual-inversion trials that can share a frozen
+base model train K at a time in one worker (`python -m cluster.pack`, contract/packs.py); each
+keeps its own bar, outcome, MLflow run and claim.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +34,17 @@ from rich.progress import (
 from cluster.claims import TrialClaimed, claim_trial
 from cluster.cpu_threads import thread_environment
 from cluster.forked_worker import forked_worker
+from cluster.pack import PACK_ENTRY, pack_arguments
 from cluster.worker import (
     WORKER_LOG,
     read_output,
     started_worker,
     worker_arguments,
     worker_command,
+    write_pack,
     write_trial_json,
 )
+from contract.packs import group_packs
 from contract.spec import SweepSpec
 from contract.trial import TrialConfig
 from launch.sweep_run import close_parent_run, prepare_sweep
@@ -121,6 +128,19 @@ def _train(
         arguments = worker_arguments(trial_json, parent_run_id, optuna_trial)
         worker = forked_worker(arguments, env, claim)
 
+    on_event = trial_events(trial, progress, task)
+    with open(log_path, "a", encoding="utf-8") as log:
+        with worker as running:
+            tail = read_output(running.output, log, on_event)
+            returncode = running.wait()
+    return TrialOutcome(trial, returncode, log_path, tail)
+
+
+def trial_events(
+    trial: TrialConfig, progress: Progress, task: TaskID
+) -> Callable[[dict[str, Any]], None]:
+    """What the trial's worker events do: move its bar, say what the launcher must know."""
+
     def on_event(event: dict[str, Any]) -> None:
         if event["event"] == "start":
             progress.update(task, completed=event["start_step"], visible=True)
@@ -141,11 +161,101 @@ def _train(
                 markup=False,
             )
 
+    return on_event
+
+
+def run_pack(
+    pack: list[TrialConfig],
+    tracking: SweepTracking,
+    parent_run_id: str,
+    threads: dict[str, str],
+    progress: Progress,
+    tasks: dict[str, TaskID],
+    sweep_output_dir: Path,
+) -> list[TrialOutcome]:
+    """Claim every member of the pack and train those left in one worker: a member another
+    submission holds or has finished is not run here (said in its outcome, as for a trial
+    alone); a single member left trains alone. One outcome per member, in the pack's order."""
+    outcomes: dict[str, TrialOutcome] = {}
+    with contextlib.ExitStack() as held:
+        claims: dict[str, int] = {}
+        for trial in pack:
+            try:
+                claims[trial.trial_id] = held.enter_context(claim_trial(trial.output_dir))
+            except TrialClaimed as claimed:
+                outcomes[trial.trial_id] = TrialOutcome(
+                    trial,
+                    0,
+                    trial.output_dir / WORKER_LOG,
+                    [],
+                    not_run=f"another submission is training it ({claimed.holder})",
+                )
+        # Claimed: nobody else trains them now, but another submission may have finished some.
+        finished = tracking.finished_trials(parent_run_id) if claims else set()
+        members = []
+        for trial in pack:
+            if trial.trial_id in finished and trial.trial_id in claims:
+                outcomes[trial.trial_id] = TrialOutcome(
+                    trial,
+                    0,
+                    trial.output_dir / WORKER_LOG,
+                    [],
+                    not_run="finished by another submission",
+                )
+            elif trial.trial_id in claims:
+                members.append(trial)
+        if len(members) == 1:
+            [trial] = members
+            claim, task = claims[trial.trial_id], tasks[trial.trial_id]
+            outcomes[trial.trial_id] = _train(
+                trial, parent_run_id, 1, threads, progress, task, claim, None
+            )
+        elif members:
+            for outcome in _train_pack(
+                members, parent_run_id, threads, progress, tasks, claims, sweep_output_dir
+            ):
+                outcomes[outcome.trial.trial_id] = outcome
+    return [outcomes[t.trial_id] for t in pack]
+
+
+def _train_pack(
+    members: list[TrialConfig],
+    parent_run_id: str,
+    threads: dict[str, str],
+    progress: Progress,
+    tasks: dict[str, TaskID],
+    claims: dict[str, int],
+    sweep_output_dir: Path,
+) -> list[TrialOutcome]:
+    pack_json = write_pack(members, sweep_output_dir)
+    log_path = pack_json.parent / WORKER_LOG
+    env = {**os.environ, **threads, "PYTHONUNBUFFERED": "1"}
+    handlers = {t.trial_id: trial_events(t, progress, tasks[t.trial_id]) for t in members}
+    ended: set[str] = set()  # members whose run the worker closed: finished, or stopped early
+
+    def on_event(event: dict[str, Any]) -> None:
+        trial_id = event.get("trial_id")
+        if trial_id not in handlers:
+            return
+        handlers[trial_id](event)
+        if event["event"] == "finish":
+            ended.add(trial_id)
+            progress.update(tasks[trial_id], visible=False)  # it left the pack; others go on
+
+    worker = forked_worker(
+        pack_arguments(pack_json, parent_run_id),
+        env,
+        [claims[t.trial_id] for t in members],
+        entry=PACK_ENTRY,
+    )
     with open(log_path, "a", encoding="utf-8") as log:
         with worker as running:
             tail = read_output(running.output, log, on_event)
             returncode = running.wait()
-    return TrialOutcome(trial, returncode, log_path, tail)
+    # A member that finished before the pack failed keeps its finished run and outcome.
+    return [
+        TrialOutcome(t, 0 if t.trial_id in ended else returncode, log_path, tail) for t in members
+    ]
 
 
 def run_local(spec: SweepSpec, *, console: Console | None = None) -> SweepOutcome:
@@ -154,9 +264,13 @@ def run_local(spec: SweepSpec, *, console: Console | None = None) -> SweepOutcom
     sweep_run = prepare_sweep(spec)
     trials, tracking, parent_run_id = sweep_run.trials, sweep_run.tracking, sweep_run.parent_run_id
     skipped, pending = sweep_run.done, sweep_run.pending
+    # Each unit is one worker: a trial alone, or a pack (`launcher.pack` > 1).
+    units = group_packs(pending, spec.launcher.pack)
+    packed = f" in {len(units)} workers (launcher.pack {spec.launcher.pack})"
+    packed = packed if spec.launcher.pack > 1 else ""
     console.print(
         f"Sweep [bold]{spec.name}[/]: {len(trials)} trials, {len(skipped)} already done, "
-        f"{len(pending)} to run. MLflow: {spec.tracking_uri}"
+        f"{len(pending)} to run{packed}. MLflow: {spec.tracking_uri}"
     )
     if not pending:
         console.print("All trials are already done: nothing to train.")
@@ -173,34 +287,46 @@ def run_local(spec: SweepSpec, *, console: Console | None = None) -> SweepOutcom
             for t in pending
         }
         processes = spec.launcher.processes_per_trial
-        parallel = min(spec.launcher.max_parallel, len(pending))
+        parallel = min(spec.launcher.max_parallel, len(units))
         threads = thread_environment(parallel * processes)
         with ThreadPoolExecutor(max_workers=spec.launcher.max_parallel) as pool:
             futures = [
                 pool.submit(
+                    run_pack,
+                    unit,
+                    tracking,
+                    parent_run_id,
+                    threads,
+                    progress,
+                    tasks,
+                    spec.resolved_output_dir,
+                )
+                if len(unit) > 1
+                else pool.submit(
                     run_worker,
-                    t,
+                    unit[0],
                     tracking,
                     parent_run_id,
                     processes,
                     threads,
                     progress,
-                    tasks[t.trial_id],
+                    tasks[unit[0].trial_id],
                 )
-                for t in pending
+                for unit in units
             ]
             for future in futures:
-                outcome = future.result()
-                outcomes.append(outcome)
-                if outcome.returncode != 0:
-                    tracking.mark_failed(
-                        parent_run_id,
-                        outcome.trial.trial_id,
-                        f"worker exited with status {outcome.returncode}; log: {outcome.log}",
-                    )
-                progress.advance(sweep_task)
-                progress.update(tasks[outcome.trial.trial_id], visible=False)
-                report_outcome(progress.console, outcome)
+                result = future.result()
+                for outcome in result if isinstance(result, list) else [result]:
+                    outcomes.append(outcome)
+                    if outcome.returncode != 0:
+                        tracking.mark_failed(
+                            parent_run_id,
+                            outcome.trial.trial_id,
+                            f"worker exited with status {outcome.returncode}; log: {outcome.log}",
+                        )
+                    progress.advance(sweep_task)
+                    progress.update(tasks[outcome.trial.trial_id], visible=False)
+                    report_outcome(progress.console, outcome)
 
     sweep = SweepOutcome(trials, skipped, outcomes)
     if not close_parent_run(tracking, parent_run_id, trials, failed=bool(sweep.failed)):

@@ -3,7 +3,8 @@
 `dreamsweep run` submits and returns; the trials log to MLflow from the compute nodes. Job ids
 are kept in `<output_dir>/slurm/jobs.json`, so `dreamsweep status` and `dreamsweep cancel` find
 them. Job states come from `squeue` (queued, running) and trial outcomes from MLflow: clusters
-without accounting have no `sacct`.
+without accounting have no `sacct`. With `launcher.pack` > 1 a pack of trials (contract/packs.py)
+is one array task, and jobs.json records each member with its pack's job.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from cluster.worker import write_trial_json
+from cluster.worker import write_pack, write_trial_json
+from contract.packs import group_packs, pack_id
 from contract.spec import SlurmLauncherSpec, SweepSpec
 from contract.trial import TrialConfig
 from launch.sweep_run import prepare_sweep
@@ -30,7 +32,8 @@ def jobs_file(spec: SweepSpec) -> Path:
 
 
 def job_record(trial: TrialConfig, job: submitit.Job) -> dict[str, str]:
-    """What jobs.json keeps of a trial's job: `status` and `cancel` read it back."""
+    """What jobs.json keeps of a trial's job (a packed trial's: its pack's, and `pack`: the
+    pack's id): `status` and `cancel` read it back."""
     return {
         "job_id": job.job_id,
         "label": trial.label,
@@ -135,7 +138,7 @@ def read_jobs(spec: SweepSpec) -> dict[str, dict[str, str]]:
 def submit_slurm(spec: SweepSpec, *, console: Console | None = None) -> Submission:
     """Submit every trial that is neither finished nor still in SLURM's queue."""
 
-    from cluster.slurm import TrialTask
+    from cluster.slurm import PackTask, TrialTask
 
     console = console or Console()
     launcher = spec.launcher
@@ -154,19 +157,30 @@ def submit_slurm(spec: SweepSpec, *, console: Console | None = None) -> Submissi
     submitted: dict[str, str] = {}
     if to_submit:
         executor = slurm_executor(spec)
+        # One array task per unit: a trial alone (as without packing), or a pack of trials.
+        units = group_packs(to_submit, launcher.pack)
         tasks = [
-            TrialTask(write_trial_json(t), parent_run_id, launcher.processes_per_node)
-            for t in to_submit
+            TrialTask(write_trial_json(unit[0]), parent_run_id, launcher.processes_per_node)
+            if len(unit) == 1
+            else PackTask(write_pack(unit, spec.resolved_output_dir), parent_run_id)
+            for unit in units
         ]
         with executor.batch():
             handles = [executor.submit(task) for task in tasks]
-        for trial, job in zip(to_submit, handles, strict=True):
-            submitted[trial.trial_id] = job.job_id
-            jobs[trial.trial_id] = job_record(trial, job)
+        for unit, job in zip(units, handles, strict=True):
+            for trial in unit:  # each member with its pack's job: status and reruns read it
+                submitted[trial.trial_id] = job.job_id
+                jobs[trial.trial_id] = job_record(trial, job)
+                if len(unit) > 1:
+                    jobs[trial.trial_id]["pack"] = pack_id(unit)
         write_jobs(spec, jobs)
         tracking.client.update_run(parent_run_id, status="RUNNING")
-        for trial in to_submit:
-            console.print(f"  {trial.label}: job {submitted[trial.trial_id]}", markup=False)
+        for unit in units:
+            for trial in unit:
+                packed = f"pack {pack_id(unit)}, " if len(unit) > 1 else ""
+                console.print(
+                    f"  {trial.label}: {packed}job {submitted[trial.trial_id]}", markup=False
+                )
     console.print(
         f"Follow it with `dreamsweep status SPEC`; stop it with `dreamsweep cancel SPEC`. "
         f"Logs: {spec.resolved_output_dir / 'slurm'}",

@@ -289,7 +289,7 @@ def test_ray_launcher_and_scheduler_options_are_checked(tmp_path: Path) -> None:
     assert sorted(problems) == [
         "launcher.gpu_per_trial: unknown key; allowed keys: kind, address, cpus_per_trial, "
         "gpus_per_trial, processes_per_trial, max_concurrent_trials, scheduler, max_failures, "
-        "keep_checkpoints",
+        "keep_checkpoints, pack",
         "launcher.scheduler.rungs: unknown key; allowed keys: kind, grace_period, "
         "reduction_factor, max_t",
     ]

@@ -341,9 +341,14 @@ def train(
 
 def finish(trial: TrialState) -> None:
     """Report the end, and release the accelerator's hold on the modules."""
-    accelerator = trial.accelerator
-    if accelerator.is_main_process:
+    if trial.accelerator.is_main_process:
         trial.reporter.on_finish()
+    release(trial)
+
+
+def release(trial: TrialState) -> None:
+    """Release the accelerator's hold on the modules (a pack's members share them)."""
+    accelerator = trial.accelerator
     # Drop the DDP wrappers while the process group is alive. A DDP Reducer freed after
     # destroy_process_group (when train_trial returns) destroys the gloo group from its
     # deallocator while holding the GIL, and gloo's worker thread, waiting for the GIL, holds

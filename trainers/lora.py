@@ -19,15 +19,29 @@ KOHYA_WEIGHTS_NAME = "lora_kohya.safetensors"
 """The kohya-format copy (`export.lora_format: [.., kohya]`) beside diffusers' file."""
 
 
+def freeze_base(model: BaseModel, frozen_dtype: torch.dtype) -> None:
+    """Every base weight frozen, in the frozen precision."""
+    for module in model.modules.values():
+        module.requires_grad_(False).to(frozen_dtype)
+
+
 class LoRAMethod:
     """Adapters with B = 0 at the start, so step 0 is exactly the base model."""
 
     name = "lora"
 
     def __init__(
-        self, options: LoRASpec, subject: SubjectSpec, export: ExportSpec | None = None
+        self,
+        options: LoRASpec,
+        subject: SubjectSpec,
+        export: ExportSpec | None = None,
+        *,
+        adapter_name: str = "default",
     ) -> None:
         self.options = options
+        self.adapter_name = adapter_name
+        """peft's name for this trial's adapters: "default" alone; a pack's members each have
+        their own in one model (trainers/packing.py)."""
         self.subject = subject
         self.formats = (export or ExportSpec()).lora_format
         self.trains_text_encoder = options.train_text_encoder
@@ -54,19 +68,34 @@ class LoRAMethod:
 
     def setup(self, model: BaseModel, *, frozen_dtype: torch.dtype) -> list[torch.nn.Parameter]:
         # Base weights in the low precision first; the adapters added after are cast to fp32.
-        for module in model.modules.values():
-            module.requires_grad_(False).to(frozen_dtype)
+        freeze_base(model, frozen_dtype)
+        return self.add_adapters(model)
+
+    def add_adapters(self, model: BaseModel) -> list[torch.nn.Parameter]:
+        """Add this trial's adapters (in fp32) to the frozen base; returns their parameters."""
         adapted = self._adapted(model)
         encoder_targets = self.options.text_encoder_target_modules
         for name, module in adapted.items():  # each text encoder too, as diffusers' SDXL script
             targets = self.options.target_modules if name == "unet" else encoder_targets
-            module.add_adapter(self._adapter(targets))
-        trainable = [
-            p for module in adapted.values() for p in module.parameters() if p.requires_grad
-        ]
+            module.add_adapter(self._adapter(targets), adapter_name=self.adapter_name)
+        trainable = list(self.named_parameters(model).values())
         for parameter in trainable:
             parameter.data = parameter.data.float()
+            # peft trains only the active adapter: adding another one to the same model (a
+            # pack's next member) turns the earlier ones' gradients off, so say it here.
+            parameter.requires_grad_(True)
         return trainable
+
+    def named_parameters(self, model: BaseModel) -> dict[str, torch.nn.Parameter]:
+        """This trial's adapter weights, named as a lone trial's checkpoint names them (the
+        adapter's name replaced by peft's "default")."""
+        marker = f".{self.adapter_name}."
+        return {
+            f"{prefix}.{name}".replace(marker, ".default."): parameter
+            for prefix, module in self._adapted(model).items()
+            for name, parameter in module.named_parameters()
+            if marker in name
+        }
 
     def after_optimizer_step(self, model: BaseModel) -> None:
         pass
@@ -83,10 +112,14 @@ class LoRAMethod:
         for name, module in self._adapted(model).items():
             # The adapters never touch the embeddings; peft's default ("auto") would look the
             # base model's vocabulary up, a hub request per checkpoint, to decide that again.
-            weights = get_peft_model_state_dict(module, save_embedding_layers=False)
+            weights = get_peft_model_state_dict(
+                module, adapter_name=self.adapter_name, save_embedding_layers=False
+            )
             peft_weights |= {f"{name}.{key}": value for key, value in weights.items()}
             layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(weights)
-            metadata[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+            metadata[f"{name}_lora_adapter_metadata"] = module.peft_config[
+                self.adapter_name
+            ].to_dict()
         PIPELINES[model.family].save_lora_weights(
             directory, **layers, **metadata, safe_serialization=True
         )

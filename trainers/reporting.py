@@ -26,6 +26,31 @@ class Reporter(Protocol):
     def on_finish(self) -> None: ...
 
 
+class NullReporter:
+    """A reporter that ignores every event: a base for one that listens to a few."""
+
+    def on_start(self, *, start_step: int, max_steps: int, setup: dict[str, str]) -> None:
+        pass
+
+    def on_train_step(self, step: int, *, loss: float, lr: float) -> None:
+        pass
+
+    def on_evaluation(self, step: int, evaluation: Evaluation) -> None:
+        pass
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        pass
+
+    def on_checkpoint_removed(self, step: int) -> None:
+        pass
+
+    def on_early_stop(self, step: int, reason: str) -> None:
+        pass
+
+    def on_finish(self) -> None:
+        pass
+
+
 Stopper = Callable[[int, dict[str, float]], str | None]
 """After each evaluation: (step, metrics) → why the trial should stop now, or None."""
 

@@ -80,13 +80,16 @@ class TrialCheckpoints:
     optimizer: AcceleratedOptimizer
     lr_scheduler: AcceleratedScheduler
     generator: torch.Generator
+    named_trainable: dict[str, torch.nn.Parameter] | None = None
+    """What the checkpoint restores, by name; default: every parameter of the model that
+    trains (a pack's member names only its own, as a lone trial names them)."""
     root: Path = field(init=False)
-    named_trainable: dict[str, torch.nn.Parameter] = field(init=False)
     sharded_optimizer: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.root = checkpoints_root(self.config)
-        self.named_trainable = trained_parameters(self.model)
+        if self.named_trainable is None:
+            self.named_trainable = trained_parameters(self.model)
         self.sharded_optimizer = self.accelerator.distributed_type == DistributedType.DEEPSPEED
 
     def resume(self) -> int:

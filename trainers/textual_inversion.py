@@ -32,8 +32,11 @@ class TextualInversionMethod:
     ) -> None:
         self.subject = subject
         self.token = options.placeholder_token.format(subject=subject.name)
-        self.token_ids: list[int] = []  # the new token's id in each tokenizer
+        self.token_ids: list[int] = []  # the new token's row in each text encoder's embedding
         self.frozen_rows: list[torch.Tensor] = []
+        self.embeddings: list[torch.nn.Parameter] = []
+        """What trains: each text encoder's input embedding matrix (a pack's member has its own
+        copies, trainers/packing.py)."""
 
     @property
     def subject_token(self) -> str:
@@ -68,10 +71,11 @@ class TextualInversionMethod:
             self.frozen_rows.append(embedding.detach().clone())
             embedding.requires_grad_(True)
             trained.append(embedding)
+        self.embeddings = trained
         return trained
 
-    def _embeddings(self, model: BaseModel) -> list[torch.Tensor]:
-        return [e.get_input_embeddings().weight for e in model.text_encoders.values()]
+    def _embeddings(self, model: BaseModel) -> list[torch.nn.Parameter]:
+        return self.embeddings
 
     def after_optimizer_step(self, model: BaseModel) -> None:
         """Put every row but the new token's back: AdamW's weight decay touches them all."""

@@ -219,6 +219,15 @@ def inference_problems(sections: dict[str, Any]) -> list[str]:
         problems += _metric_problems(sections["metrics"], sections.get("selection"))
     if "prompts" in sections:
         problems += _prompt_problems(sections["prompts"])
+    launcher = sections.get("launcher")
+    if launcher is not None and launcher.pack > 1:
+        # The training launchers' field, accepted by the shared launcher schema: an inference
+        # study would silently ignore it (the Ray launcher refuses it itself).
+        problems.append(
+            f"launcher.pack: {launcher.pack} in an inference study: packs group a training "
+            "sweep's trials, and an inference study has none (its workers split the images "
+            "into shards, shards.prompts_per_shard); set launcher.pack: 1 or drop it"
+        )
     resolution = sections.get("resolution")
     if resolution is not None and resolution % 8:
         problems.append(f"resolution: {resolution} must be a multiple of 8 (the VAE's factor)")

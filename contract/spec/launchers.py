@@ -3,11 +3,15 @@ scheduler specs), the tracking spec, and the maps from each `kind` tag to its sp
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
 from contract.spec.base import _Strict
+
+if TYPE_CHECKING:
+    from contract.spec.search import SearchSpec
+    from contract.spec.train import BaseModelSpec, TrainSpec
 
 
 class LocalLauncherSpec(_Strict):
@@ -18,6 +22,10 @@ class LocalLauncherSpec(_Strict):
     """Trials run at once."""
     processes_per_trial: int = Field(default=1, ge=1)
     """Processes per trial (`accelerate launch --num_processes`), e.g. one per GPU."""
+    pack: int = Field(default=1, ge=1)
+    """Trials trained together in one worker on one frozen base model (LoRA and textual
+    inversion trials of the same method, base model and training settings; others train alone).
+    Placement only: a trial's id, folder, MLflow run and curves are the same packed or alone."""
 
 
 SLURM_TYPED_SBATCH = {
@@ -77,6 +85,11 @@ class SlurmLauncherSpec(_Strict):
     """Shell lines run in the job before the trial (e.g. `module load cuda`)."""
     sbatch: dict[str, str | int | float | bool] = Field(default_factory=dict)
     """Extra `#SBATCH` options without the leading dashes, e.g. `{constraint: a100}`."""
+    pack: int = Field(default=1, ge=1)
+    """Trials trained together in one worker on one frozen base model (LoRA and textual
+    inversion trials of the same method, base model and training settings; others train alone).
+    One array task per pack.
+    Placement only: a trial's id, folder, MLflow run and curves are the same packed or alone."""
 
     @field_validator("sbatch")
     @classmethod
@@ -148,6 +161,21 @@ class RayLauncherSpec(_Strict):
     """Retries of a failed trial (a crash, a lost node), each from its last checkpoint."""
     keep_checkpoints: int = Field(default=1, ge=1)
     """Checkpoints Ray keeps per trial in its storage (the newest is what a retry resumes)."""
+    pack: int = Field(default=1, ge=1)
+    """Trials trained together in one worker: 1 only on Ray (see the refusal below)."""
+
+    @field_validator("pack")
+    @classmethod
+    def _no_packs(cls, pack: int) -> int:
+        if pack > 1:
+            # A Tune trial is one trainable; ASHA and the median rule decide per Tune trial, so
+            # a pack would need one trainable reporting K trials' scores, each stopped alone.
+            raise ValueError(
+                "packed trials are not supported on the Ray launcher yet: Tune runs and its "
+                "scheduler (ASHA, median) stops each trial as a trainable of its own; set "
+                "launcher.pack: 1, or pack with the local or SLURM launcher"
+            )
+        return pack
 
     @field_validator("scheduler", mode="before")
     @classmethod
@@ -174,3 +202,63 @@ LAUNCHERS: dict[str, type[BaseModel]] = {
     "slurm": SlurmLauncherSpec,
     "ray": RayLauncherSpec,
 }
+
+
+def pack_problems(
+    launcher: LocalLauncherSpec | SlurmLauncherSpec | RayLauncherSpec,
+    train: TrainSpec,
+    models: list[BaseModelSpec],
+) -> list[str]:
+    """`launcher.pack` > 1 against what a pack cannot share (launcher, train, base_model)."""
+    # A pack is K trials in one process on one frozen base (contract/packs.py): what spreads a
+    # trial over processes, or needs one loss scaler per trial, cannot be shared so.
+    size = launcher.pack
+    if size == 1:
+        return []
+    where = f"launcher.pack: {size}"
+    problems = []
+    if isinstance(launcher, SlurmLauncherSpec):
+        processes = launcher.nodes * launcher.processes_per_node
+        spread = (
+            f"launcher.nodes {launcher.nodes} × processes_per_node {launcher.processes_per_node}"
+        )
+    else:
+        processes = launcher.processes_per_trial
+        spread = f"launcher.processes_per_trial {processes}"
+    if processes > 1:
+        problems.append(
+            f"{where} with {spread}: a pack trains in one process, and these trials train on "
+            f"{processes}; set launcher.pack: 1, or train each trial in one process"
+        )
+    if train.deepspeed is not None:
+        problems.append(
+            f"{where} with train.deepspeed: DeepSpeed partitions one model's optimizer state "
+            "across a trial's processes, and a pack trains in one process; set launcher.pack: 1 "
+            "or drop train.deepspeed"
+        )
+    fp16 = [
+        "train.mixed_precision"
+        if model.mixed_precision is None
+        else f"base_model[{i}].mixed_precision"
+        for i, model in enumerate(models)
+        if (model.mixed_precision or train.mixed_precision) == "fp16"
+    ]
+    for field in dict.fromkeys(fp16):
+        problems.append(
+            f"{where} with {field} fp16: fp16 trains with a loss scaler per trial, and one "
+            "scaler for a pack would skip every member's step when one member overflows; use "
+            "bf16 or no mixed precision, or set launcher.pack: 1"
+        )
+    return problems
+
+
+def pack_search_problems(
+    launcher: LocalLauncherSpec | SlurmLauncherSpec | RayLauncherSpec, search: SearchSpec
+) -> list[str]:
+    """`launcher.pack` > 1 with an Optuna search."""
+    if launcher.pack == 1 or search.kind == "grid":
+        return []
+    return [
+        f"launcher.pack: {launcher.pack} with search.kind {search.kind!r}: packs group a grid's "
+        "trials, and a search asks its trials one at a time; set launcher.pack: 1"
+    ]

@@ -34,6 +34,8 @@ from contract.spec.launchers import (
     RayLauncherSpec,
     SlurmLauncherSpec,
     TrackingSpec,
+    pack_problems,
+    pack_search_problems,
 )
 from contract.spec.search import SearchSpec, search_problems
 from contract.spec.selection import SELECTABLE_METRICS, STUDY_WEIGHTS, SelectionSpec
@@ -280,6 +282,8 @@ def effective_resolution(model: BaseModelSpec, train: TrainSpec) -> int:
 
 
 _across("search", "methods", "train", "grid", "launcher")(search_problems)
+_across("launcher", "train", "base_model")(pack_problems)
+_across("launcher", "search")(pack_search_problems)
 
 
 class SweepSpec(_Study):
