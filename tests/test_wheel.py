@@ -41,7 +41,10 @@ def shipped_files() -> set[str]:
         path.relative_to(REPO).as_posix()
         for package in TOP_LEVEL
         for path in (REPO / package).rglob("*")
-        if path.is_file() and "__pycache__" not in path.parts
+        if path.is_file()
+        and "__pycache__" not in path.parts
+        # The toy world's intermediate weights are the build's input, not the package's.
+        and not path.is_relative_to(REPO / "toyworld" / "pretrained")
     }
     mapped = {
         f"{package.replace('.', '/')}/{path.name}"
