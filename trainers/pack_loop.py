@@ -101,9 +101,10 @@ def setup_members(
     """The shared base model with every member's trained weights in it; per member its method
     and parameters, and the class images of its class (prior preservation)."""
     first = configs[0]
-    model, _ = setup_model(first, accelerator)
-    # Class images come from the base model alone: before any member's weights are in it.
-    class_files = [
+    model, first_class_files = setup_model(first, accelerator)
+    # Class images come from the base model alone: before any member's weights are in it
+    # (`setup_model` made the first member's).
+    class_files = [first_class_files] + [
         class_images(
             model,
             c.train.prior,
@@ -113,7 +114,7 @@ def setup_members(
         )
         if c.uses_prior
         else []
-        for c in configs
+        for c in configs[1:]
     ]
     frozen_dtype = PRECISION[first.train.mixed_precision]
     add = add_lora_members if first.method == "lora" else add_textual_inversion_members
