@@ -7,10 +7,12 @@ Writes `throughput.json` and `throughput.md` to --output: the machine, then per 
 steps/s (the first --warmup steps left out), trial-steps/s (steps/s × members of a pack), peak
 memory and the time from the worker's start to its first step. Cases (tiny model, 64 px, rank
 4, batch 1, on the CPU): LoRA, textual inversion, full DreamBooth (8-bit AdamW + gradient
-checkpointing), packs of K = 1, 2, 4, 8 LoRA and TI trials, evaluation images/s, and a warm
-forked worker's time to its first step (bench/throughput_cases.py). Beside them (unless
+checkpointing), LoRA with `train.compile: inductor` (cold, then warm from the inductor cache
+the cold case filled; --no-compile skips both), packs of K = 1, 2, 4, 8 LoRA and TI trials,
+evaluation images/s, and a warm forked worker's time to its first step
+(bench/throughput_cases.py). Beside them (unless
 --no-peer) diffusers' example scripts doing the same work, in a venv of their own with torch
-2.14.1 and torchvision, where dreamsweep's LoRA case runs again so the ratio shares a torch
+2.14.1 and torchvision, where dreamsweep's one-trial cases run again so the ratios share a torch
 (bench/throughput_peer.py). With CUDA, a GPU section on SD 1.5's architecture at 512 px with
 random weights (bench/throughput_gpu.py). --quick: a smoke run of a few steps.
 """
@@ -44,8 +46,10 @@ LONE = {
     "lora": lambda s: cases.lone_case(s, "lora", "lora"),
     "textual_inversion": lambda s: cases.lone_case(s, "textual_inversion", "textual_inversion"),
     "dreambooth": cases.dreambooth_case,
+    "lora_compiled": cases.compiled_lora_case,
 }
-"""The one-trial cases by name (`--only` runs some of them: the peer venv's dreamsweep side)."""
+"""The one-trial cases by name (`--only` runs some of them: the peer venv's dreamsweep side, and
+`lora_compiled`, cold then warm, each in a process of its own)."""
 
 
 def machine() -> dict[str, Any]:
@@ -93,8 +97,35 @@ def run_case(name: str, run: Any, *args: Any) -> dict[str, Any]:
     return result
 
 
+def case_in_a_process(
+    name: str,
+    settings: cases.Settings,
+    python: str = sys.executable,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The one-trial case `name` in a fresh process, as a worker trains a trial: Accelerate
+    keeps its first settings (e.g. no compilation) for the rest of a process."""
+    out = settings.root / f"{name}-{time.time_ns()}.json"
+    command = [python, str(Path(__file__).resolve()), "--only", name]
+    command += ["--steps", str(settings.steps), "--warmup", str(settings.warmup)]
+    command += ["--json-out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} in a process of its own failed: {done.stderr[-2000:]}")
+    [result] = json.loads(out.read_text(encoding="utf-8"))
+    if result.get("status") != "ok":
+        raise RuntimeError(f"{name} in a process of its own failed: {result.get('reason')}")
+    return result
+
+
 def cpu_cases(settings: cases.Settings, args: argparse.Namespace) -> list[dict[str, Any]]:
-    results = [run_case(name, LONE[name], settings) for name in LONE]
+    results = [run_case(name, LONE[name], settings) for name in LONE if name != "lora_compiled"]
+    if not args.no_compile:
+        # Cold (this run's empty inductor cache), then warm: a sweep's next trial of the same
+        # architecture, which finds the kernels the first one compiled.
+        results.append(run_case("lora_compiled", case_in_a_process, "lora_compiled", settings))
+        warm = run_case("lora_compiled_warm", case_in_a_process, "lora_compiled", settings)
+        results.append(warm | {"case": "lora_compiled_warm"})
     for method in ("lora", "textual_inversion"):
         for k in args.pack_sizes:
             results.append(run_case(f"pack_{method}_k{k}", cases.pack_case, settings, method, k))
@@ -141,6 +172,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-peer", action="store_true", help="skip diffusers' scripts")
     parser.add_argument("--no-forked", action="store_true", help="skip the forked worker")
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU section")
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip the `train.compile: inductor` cases (a cold compilation takes minutes on a CPU)",
+    )
     parser.add_argument(
         "--examples",
         type=Path,
@@ -189,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - the benchm
         torch.set_num_threads(args.threads)
     command = shlex.join(["python", "bench/throughput.py", *(argv or sys.argv[1:])])
     with tempfile.TemporaryDirectory(prefix="dreamsweep-throughput-") as scratch:
+        if not args.only:  # (an --only run is told its cache by its environment)
+            # The compiled cases start cold, from an inductor cache of this run's own.
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(scratch) / "inductor")
         settings = cases.Settings(root=Path(scratch), steps=args.steps, warmup=args.warmup)
         if args.only:
             results = [run_case(name, LONE[name], settings) for name in args.only]

@@ -186,7 +186,29 @@ def lone_case(settings: Settings, name: str, method: str, **train: Any) -> dict[
     started = time.perf_counter()
     train_trial(trial, clock, accelerator=make_accelerator(trial.train))
     optimizer = clock.setup.get("optimizer", "?")
-    return _result(name, [clock], settings.warmup, started, method=method, optimizer=optimizer)
+    compiled = clock.setup.get("compiled", "?")
+    return _result(
+        name,
+        [clock],
+        settings.warmup,
+        started,
+        method=method,
+        optimizer=optimizer,
+        compiled=compiled,
+    )
+
+
+def compiled_lora_case(settings: Settings) -> dict[str, Any]:
+    """LoRA with `train.compile: inductor`. Its first step includes the compilation: cold when
+    TORCHINDUCTOR_CACHE_DIR is empty (bench/throughput.py gives each run its own), warm when an
+    earlier trial of the same architecture filled it (a sweep's later trials)."""
+    result = lone_case(settings, "lora_compiled", "lora", compile="inductor")
+    if result["compiled"] != "unet":  # e.g. an earlier Accelerator in this process
+        raise RuntimeError(f"the UNet did not run compiled (compiled: {result['compiled']!r})")
+    return result | {
+        "first_step_includes": result["first_step_includes"] + ", inductor's compilation",
+        "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default"),
+    }
 
 
 def dreambooth_case(settings: Settings) -> dict[str, Any]:

@@ -304,7 +304,7 @@ def peer_section(settings: Settings, args: Namespace) -> dict[str, Any]:
     from trainers.models import model_folder
 
     python = args.peer_venv / "bin" / "python"
-    env = peer_env()
+    env = peer_env() | {"TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor")}  # cold, its own
     cases = run_scripts(python, scripts, model_folder("tiny"), scratch, settings, env)
     ours = scratch / "dreamsweep.json"
     command = [str(python), str(REPO / "bench" / "throughput.py"), "--only", *SCRIPTS]
@@ -316,7 +316,16 @@ def peer_section(settings: Settings, args: Namespace) -> dict[str, Any]:
             cases.append(result | {"case": f"dreamsweep_{result['case'].split('_adamw')[0]}"})
     else:
         reason = f"dreamsweep in the peer venv failed: {done.stderr[-2000:]}"
-        cases.append({"case": "dreamsweep_lora", "status": "failed", "reason": reason})
+        cases += [
+            {"case": f"dreamsweep_{n}", "status": "failed", "reason": reason} for n in SCRIPTS
+        ]
+    if not args.no_compile:  # beside diffusers_lora, in a process of its own (cold)
+        from throughput import case_in_a_process, run_case
+
+        compiled = run_case(
+            "lora_compiled", case_in_a_process, "lora_compiled", settings, str(python), env
+        )
+        cases.append(compiled | {"case": "dreamsweep_lora_compiled"})
     return {
         "status": "ok",
         "venv": str(args.peer_venv),

@@ -9,6 +9,7 @@ from typing import Any
 TARGETS = {
     "lora_k4_over_k1": 2.5,
     "dreamsweep_lora_over_diffusers": 1.4,
+    "dreamsweep_lora_compiled_over_diffusers": 1.4,
 }
 
 
@@ -58,6 +59,15 @@ def figures(report: dict[str, Any]) -> dict[str, Any]:
             "steps_per_s",
             TARGETS["dreamsweep_lora_over_diffusers"],
         ),
+        "dreamsweep_lora_compiled_over_diffusers": _ratio(
+            case(peer, "dreamsweep_lora_compiled"),
+            case(peer, "diffusers_lora"),
+            "steps_per_s",
+            TARGETS["dreamsweep_lora_compiled_over_diffusers"],
+        ),
+        "lora_compiled_over_lora": _ratio(
+            case(cpu, "lora_compiled"), case(cpu, "lora"), "steps_per_s", None
+        ),
         "dreamsweep_ti_over_diffusers": _ratio(
             case(peer, "dreamsweep_textual_inversion"),
             case(peer, "diffusers_textual_inversion"),
@@ -70,6 +80,13 @@ def figures(report: dict[str, Any]) -> dict[str, Any]:
             "steps_per_s",
             None,
         ),
+    }
+    eager, compiled = case(cpu, "lora"), case(cpu, "lora_compiled")
+    # The same trial (seed, steps) eager and compiled: its last loss agrees to rounding.
+    out["lora_compiled_last_loss_relative_difference"] = {
+        "value": None
+        if eager is None or compiled is None
+        else abs(compiled["final_loss"] - eager["final_loss"]) / abs(eager["final_loss"]),
     }
     forked = case(cpu, "forked_worker_lora")
     out["warm_forked_worker_first_step_s"] = {
@@ -124,6 +141,9 @@ def _figure_rows(figures: dict[str, Any]) -> list[str]:
         target = "-" if f["target"] is None else f"≥ {f['target']}"
         status = f.get("why_missing") or {True: "met", False: "missed", None: ""}[f.get("met")]
         rows.append(f"| {name} | {_number(f['value'])} | {target} | {status} |")
+    loss = figures["lora_compiled_last_loss_relative_difference"]["value"]
+    shown = "-" if loss is None else f"{loss:.1e}"
+    rows.append(f"| lora_compiled: last loss vs eager's (relative difference) | {shown} | - | |")
     forked = figures["warm_forked_worker_first_step_s"]
     rows.append(
         f"| warm forked worker: start → first step (s) | {_number(forked['value'])} | - | "

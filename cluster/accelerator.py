@@ -1,13 +1,14 @@
-"""The Accelerator a trial trains under: precision, gradient accumulation, and DeepSpeed ZeRO
-with its config generated from the spec (never hand-edited, so it cannot drift from it); and the
-precisions a machine cannot train in, refused before any work (`precision_problem`)."""
+"""The Accelerator a trial trains under: precision, gradient accumulation, `torch.compile`, and
+DeepSpeed ZeRO with its config generated from the spec (never hand-edited, so it cannot drift
+from it); and the precisions a machine cannot train in, refused before any work
+(`precision_problem`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin
+from accelerate.utils import DeepSpeedPlugin, TorchDynamoPlugin
 
 from contract.spec import TrainSpec
 
@@ -60,8 +61,17 @@ def make_accelerator(train: TrainSpec) -> Accelerator:
     plugin = None
     if train.deepspeed is not None:
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(train))
+    # Accelerate compiles each module it prepares (the trained ones): the training passes. Every
+    # field set, so ACCELERATE_DYNAMO_* in the environment cannot turn on what the spec did not.
+    dynamo = TorchDynamoPlugin(
+        backend=train.compile,
+        mode=train.compile_mode,
+        fullgraph=False,
+        use_regional_compilation=False,
+    )
     return Accelerator(
         mixed_precision=train.mixed_precision,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         deepspeed_plugin=plugin,
+        dynamo_plugin=dynamo,
     )

@@ -93,8 +93,11 @@ class TrialConfig(BaseModel):
     def trial_id(self) -> str:
         # Not identity: where things are, where they are logged, how stop steps are chosen, and
         # settings that do not change the trajectory (other learning rates of the list, which
-        # checkpoints are kept). Prior-preservation settings matter only to a method that uses them.
+        # checkpoints are kept, whether the steps are compiled: the same trajectory up to float
+        # rounding, as packing is). Prior-preservation settings matter only to a method that
+        # uses them.
         unused = {"checkpoints"} if self.uses_prior else {"checkpoints", "prior"}
+        unused |= {"compile", "compile_mode"}
         exclude: dict[str, Any] = {
             "image_files": True,
             "output_dir": True,

@@ -28,6 +28,7 @@ from launch.output import (
 from launch.preflight import (
     evaluation_warnings,
     face_problems,
+    missing_compiler,
     missing_device,
     missing_downloads,
     missing_packages,
@@ -322,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         problems = missing_packages(spec)
         if args.command in ("validate", "run"):
             # select, status, report read a sweep back anywhere
-            problems += missing_device(spec) + face_problems(spec) + missing_downloads(spec)
+            problems += missing_device(spec) + missing_compiler(spec) + face_problems(spec)
+            problems += missing_downloads(spec)
         if problems:
             raise SpecError(str(args.spec), problems)
         if args.command in ("validate", "run"):

@@ -1,11 +1,13 @@
 """Checks of this machine against a spec, before any work starts: the packages that the spec's
-options need, a GPU for fp16 when the trials train here, and the weights to download (reachable,
-or already cached). (The trial worker raises the same errors, for launchers that run
-elsewhere.) And the warnings: settings that run but are risky, or measure little."""
+options need, a GPU for fp16 and a C++ compiler for inductor on a CPU when the trials train
+here, and the weights to download (reachable, or already cached). (The trial worker raises the
+same errors, for launchers that run elsewhere; not the compiler's.) And the warnings: settings
+that run but are risky, or measure little."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 from contract.spec import FACE_CLASSES, SweepSpec, subject_image_files
 
@@ -37,14 +39,19 @@ def missing_packages(spec: SweepSpec) -> list[str]:
     return problems
 
 
+def _trains_here(spec: SweepSpec) -> bool:
+    """Under the local launcher, or Ray started here (no launcher.address)."""
+    return spec.launcher.kind == "local" or (
+        spec.launcher.kind == "ray" and spec.launcher.address is None
+    )
+
+
 def missing_device(spec: SweepSpec) -> list[str]:
     """fp16 without a GPU, when the trials train on this machine: under the local launcher, or
     Ray started here (no launcher.address). For `validate` and `run` only: reading a finished
     sweep back needs no GPU. SLURM nodes and a Ray cluster elsewhere may have GPUs this machine
     lacks: their workers check for themselves, before the trial's run opens."""
-    trains_here = spec.launcher.kind == "local" or (
-        spec.launcher.kind == "ray" and spec.launcher.address is None
-    )
+    trains_here = _trains_here(spec)
     # Each base model trains at its own precision (its entry's, else train's).
     fields = [
         "train.mixed_precision"
@@ -68,6 +75,29 @@ def missing_device(spec: SweepSpec) -> list[str]:
     if problem is None:
         return []
     return [problem.replace("train.mixed_precision", field, 1) for field in dict.fromkeys(fields)]
+
+
+def missing_compiler(spec: SweepSpec) -> list[str]:
+    """`train.compile: inductor` on a CPU, when the trials train here: inductor builds C++
+    kernels, so a C++ compiler (`$CXX`, g++, c++ or clang++) must be on the PATH. For
+    `validate` and `run`, like `missing_device`; elsewhere the first step would fail."""
+    if spec.train.compile != "inductor" or not _trains_here(spec):
+        return []
+    import shutil
+
+    import torch
+
+    accelerator = torch.accelerator.current_accelerator()
+    if accelerator is not None and accelerator.type != "cpu":
+        return []
+    candidates = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+    if any(shutil.which(c) for c in candidates if c):
+        return []
+    return [
+        "train.compile: 'inductor' on this machine's CPU needs a C++ compiler, and none of "
+        "$CXX, g++, c++, clang++ is on the PATH; install one (e.g. apt install g++), or set "
+        "compile: 'no'"
+    ]
 
 
 def face_problems(spec: SweepSpec) -> list[str]:

@@ -35,7 +35,7 @@ def test_a_quick_run_measures_every_in_process_case(tmp_path: Path) -> None:
     output = tmp_path / "results"
     command = [sys.executable, str(REPO / "bench" / "throughput.py"), "--quick", "--threads", "1"]
     command += ["--steps", "3", "--warmup", "1", "--pack-sizes", "1", "4", "--eval-repeats", "1"]
-    command += ["--profile", "never", "--no-peer", "--no-forked", "--no-gpu"]
+    command += ["--profile", "never", "--no-peer", "--no-forked", "--no-gpu", "--no-compile"]
     command += ["--output", str(output)]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -78,6 +78,8 @@ def test_a_quick_run_measures_every_in_process_case(tmp_path: Path) -> None:
     # No peer venv in this run: its ratios say why they are missing, not a made-up number.
     peer = figures["dreamsweep_lora_over_diffusers"]
     assert peer["value"] is None and peer["why_missing"] == "numerator and denominator not run"
+    compiled = figures["lora_compiled_over_lora"]  # --no-compile
+    assert compiled["value"] is None and compiled["why_missing"] == "numerator not run"
     assert "peer" not in report and "gpu" not in report and "profile" not in report
 
     page = (output / "throughput.md").read_text(encoding="utf-8")

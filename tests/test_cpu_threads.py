@@ -13,7 +13,11 @@ def test_processes_side_by_side_get_an_equal_share_of_the_cores(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert thread_environment(2, cores=8) == {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}
+    assert thread_environment(2, cores=8) == {
+        "OMP_NUM_THREADS": "4",
+        "MKL_NUM_THREADS": "4",
+        "TORCHINDUCTOR_COMPILE_THREADS": "4",  # inductor's compile pool (train.compile)
+    }
     assert thread_environment(1, cores=8)["OMP_NUM_THREADS"] == "8"
     assert thread_environment(3, cores=2)["OMP_NUM_THREADS"] == "1"  # never zero
 

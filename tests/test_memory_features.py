@@ -185,6 +185,89 @@ def test_sdpa_is_the_default_attention(tmp_path: Path) -> None:
     assert recorder.setup["unet.attention"] == "AttnProcessor2_0"
 
 
+@pytest.mark.slow
+def test_compiled_steps_train_the_trajectory_of_eager_ones_under_the_same_id(
+    tmp_path: Path, one_thread: None
+) -> None:
+    # aot_eager: dynamo traces the trained modules and AOTAutograd builds their backward, as for
+    # inductor, without generating kernels (inductor's cold compilation of even the tiny UNet
+    # takes minutes on 2 cores: bench/throughput.py times it). Two compiled modules: UNet and
+    # text encoder.
+    torch.compiler.reset()  # dynamo's recompile limit counts per process: a fresh count
+    methods = {"lora": {"learning_rate": [1e-3], "train_text_encoder": True}}
+    eager_trial = make_trial(tmp_path / "eager", methods)
+    compiled_trial = make_trial(tmp_path / "compiled", methods, train={"compile": "aot_eager"})
+    assert compiled_trial.train.compile == "aot_eager"
+    assert compiled_trial.trial_id == eager_trial.trial_id
+    eager, compiled = train(eager_trial), train(compiled_trial)
+    assert eager.setup["compiled"] == "-"
+    assert compiled.setup["compiled"] == "unet,text_encoder"
+    assert sorted(compiled.losses) == sorted(eager.losses) == [1, 2, 3, 4]
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-5)
+    for step, metrics in eager.metrics.items():  # evaluation stays eager: the same images
+        measured = {k: v for k, v in metrics.items() if not k.endswith("_seconds")}
+        assert {k: compiled.metrics[step][k] for k in measured} == pytest.approx(measured, abs=1e-5)
+    _, eager_folder = complete_checkpoints(checkpoints_root(eager_trial))[-1]
+    _, compiled_folder = complete_checkpoints(checkpoints_root(compiled_trial))[-1]
+    weights = "pytorch_lora_weights.safetensors"
+    expected, got = load_file(eager_folder / weights), load_file(compiled_folder / weights)
+    assert expected.keys() == got.keys() and expected
+    for key, tensor in expected.items():
+        torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_settings_are_checked_together(tmp_path: Path) -> None:
+    spec = small_spec(
+        tmp_path,
+        train={
+            "compile_mode": "reduce-overhead",
+            "deepspeed": {"zero_stage": 2},
+            "compile": "aot_eager",
+        },
+    )
+    with pytest.raises(ValueError) as raised:
+        load_spec(write_spec(tmp_path, spec))
+    message = str(raised.value)
+    assert "train.compile_mode: 'reduce-overhead' is a mode of the inductor backend" in message
+    assert "train.compile: 'aot_eager' cannot be combined with train.deepspeed" in message
+    bad = small_spec(tmp_path, train={"compile": "yes"})
+    with pytest.raises(ValueError, match="compile") as raised:
+        load_spec(write_spec(tmp_path, bad, name="bad.yaml"))
+    assert "'no', 'inductor' or 'aot_eager'" in str(raised.value)
+    launcher = {"kind": "local", "processes_per_trial": 2}
+    spread = small_spec(tmp_path, train={"compile": "inductor"}, launcher=launcher)
+    with pytest.raises(ValueError) as raised:
+        load_spec(write_spec(tmp_path, spread, name="spread.yaml"))
+    assert "train.compile: 'inductor' with launcher.processes_per_trial 2" in str(raised.value)
+    # YAML reads an unquoted `compile: no` as false: it means "no".
+    unquoted = write_spec(tmp_path, small_spec(tmp_path, train={"compile": "unset"}), "no.yaml")
+    unquoted.write_text(
+        unquoted.read_text(encoding="utf-8").replace("compile: unset", "compile: no")
+    )
+    assert load_spec(unquoted).train.compile == "no"
+    # How the steps run is no search axis: the trials would share one id.
+    from contract.spec.search import searchable_fields
+
+    spec = load_spec(unquoted)
+    fields = searchable_fields(spec.methods, spec.train, spec.grid)
+    assert "train.gradient_checkpointing" in fields and "train.compile" not in fields
+
+
+def test_inductor_on_a_cpu_without_a_compiler_is_refused_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from launch.preflight import missing_compiler
+
+    spec = load_spec(write_spec(tmp_path, small_spec(tmp_path, train={"compile": "inductor"})))
+    assert missing_compiler(spec) == []  # this machine has g++
+    monkeypatch.setenv("PATH", str(tmp_path / "no-compilers-here"))
+    monkeypatch.delenv("CXX", raising=False)
+    [problem] = missing_compiler(spec)
+    assert problem.startswith("train.compile: 'inductor' on this machine's CPU needs a C++")
+    eager = load_spec(write_spec(tmp_path, small_spec(tmp_path), name="eager.yaml"))
+    assert missing_compiler(eager) == []
+
+
 def test_deepspeed_config_is_generated_from_the_spec() -> None:
     train_spec = TrainSpec(
         batch_size=2,

@@ -213,6 +213,32 @@ def test_packed_members_train_as_alone(
 
 
 @pytest.mark.slow
+def test_a_compiled_pack_trains_as_its_members_alone_eager(
+    tmp_path: Path, one_thread: None
+) -> None:
+    # The routed layers trace under dynamo (aot_eager: see test_memory_features); the compiled
+    # pack's members equal the same trials alone and eager, which share their ids; the second
+    # stops at step 4, and the pack's rows change under the compiled modules.
+    torch.compiler.reset()
+    options = {"train_text_encoder": True}
+    compiled = {**options, "train": {"compile": "aot_eager"}}
+    alone_trials = trials_in(tmp_path / "alone", "lora", [1e-3, 3e-4], options)[:2]
+    packed = trials_in(tmp_path / "packed", "lora", [1e-3, 3e-4], compiled)[:2]
+    assert [t.trial_id for t in packed] == [t.trial_id for t in alone_trials]
+    assert {t.train.compile for t in packed} == {"aot_eager"}
+    alone = lone_runs(alone_trials, [None, stop_at(4)])
+    members = [Recorder() for _ in packed]
+    run_pack(packed, members, [None, stop_at(4)])
+    assert max(members[1].losses) == 4 and max(members[0].losses) == 6
+    for member, lone_recorder, packed_trial, lone_trial in zip(
+        members, alone, packed, alone_trials, strict=True
+    ):
+        assert member.setup["compiled"] == "unet,text_encoder"
+        assert lone_recorder.setup["compiled"] == "-"
+        assert_member_equals_alone(member, lone_recorder, packed_trial, lone_trial)
+
+
+@pytest.mark.slow
 def test_a_killed_pack_resumes_each_member_from_its_own_checkpoint(
     tmp_path: Path, one_thread: None
 ) -> None:

@@ -417,7 +417,9 @@ def train_trial(
         evaluator=setup_evaluator(config, method, accelerator),
     )
     if accelerator.is_main_process:
-        setup = describe_setup(model, training.optimizer, [name for name, _ in offloaded])
+        setup = describe_setup(
+            model, training.optimizer, [name for name, _ in offloaded], training.modules
+        )
         if trial.evaluator is not None:
             setup |= trial.evaluator.setup  # what the metrics ran, e.g. the face detector
         reporter.on_start(start_step=start_step, max_steps=config.max_steps, setup=setup)

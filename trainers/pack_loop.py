@@ -218,7 +218,10 @@ def train_pack(
         member.step = checkpoints.resume()
         members.append(member)
     for member in members:
-        setup = describe_setup(model, member.state.training.optimizer, [n for n, _ in offloaded])
+        training = member.state.training
+        setup = describe_setup(
+            model, training.optimizer, [n for n, _ in offloaded], training.modules
+        )
         if member.state.evaluator is not None:
             setup |= member.state.evaluator.setup
         setup |= _member_parameter_counts(member, model)

@@ -1,6 +1,6 @@
 """What is really on in a trial, read from the live objects (not from the spec): the trained
 parameters and their dtypes, gradient checkpointing, attention kernels, the optimizer and its
-wrappers, the offloaded encoders, the CPU threads.
+wrappers, the offloaded encoders, which trained modules `torch.compile` wraps, the CPU threads.
 
 Logged with the run (`Reporter.on_start(setup=...)`), so a curve can be traced to the precision,
 optimizer and kernels that produced it.
@@ -8,7 +8,10 @@ optimizer and kernels that produced it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+from accelerate.utils import is_compiled_module
 
 from trainers.models import BaseModel
 
@@ -18,10 +21,14 @@ def _dtypes(parameters: list[torch.nn.Parameter]) -> str:
 
 
 def describe_setup(
-    model: BaseModel, optimizer: torch.optim.Optimizer, offloaded: list[str]
+    model: BaseModel,
+    optimizer: torch.optim.Optimizer,
+    offloaded: list[str],
+    prepared: Mapping[str, torch.nn.Module],
 ) -> dict[str, str]:
     """The setup of `model` trained by `optimizer` (as prepared: wrappers included), with the
-    `offloaded` encoders' names: every value a string, as run parameters are."""
+    `offloaded` encoders' names and the modules as the steps call them (`prepared`):
+    every value a string, as run parameters are."""
     setup = {}
     for name, module in model.modules.items():
         parameters = list(module.parameters())
@@ -46,5 +53,6 @@ def describe_setup(
     setup["optimizer"] = f"{type(inner).__module__}.{type(inner).__name__}"
     setup["optimizer_wrappers"] = " > ".join(type(o).__name__ for o in chain[:-1]) or "-"
     setup["offloaded"] = ",".join(offloaded) or "-"
+    setup["compiled"] = ",".join(n for n, m in prepared.items() if is_compiled_module(m)) or "-"
     setup["cpu_threads"] = str(torch.get_num_threads())
     return setup

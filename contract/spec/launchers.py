@@ -204,6 +204,33 @@ LAUNCHERS: dict[str, type[BaseModel]] = {
 }
 
 
+def trial_processes(
+    launcher: LocalLauncherSpec | SlurmLauncherSpec | RayLauncherSpec,
+) -> tuple[int, str]:
+    """How many processes each trial trains on, and the launcher fields that say so."""
+    if isinstance(launcher, SlurmLauncherSpec):
+        spread = (
+            f"launcher.nodes {launcher.nodes} × processes_per_node {launcher.processes_per_node}"
+        )
+        return launcher.nodes * launcher.processes_per_node, spread
+    processes = launcher.processes_per_trial
+    return processes, f"launcher.processes_per_trial {processes}"
+
+
+def compile_problems(
+    launcher: LocalLauncherSpec | SlurmLauncherSpec | RayLauncherSpec, train: TrainSpec
+) -> list[str]:
+    """`train.compile` against a trial spread over processes (not tested here: compiled DDP
+    wrappers must be released before the process group ends, as `trainers.loop.release` does)."""
+    processes, spread = trial_processes(launcher)
+    if train.compile == "no" or processes == 1:
+        return []
+    return [
+        f"train.compile: {train.compile!r} with {spread}: compiled trials train in one process "
+        "each here; set compile: 'no', or train each trial in one process"
+    ]
+
+
 def pack_problems(
     launcher: LocalLauncherSpec | SlurmLauncherSpec | RayLauncherSpec,
     train: TrainSpec,
@@ -217,14 +244,7 @@ def pack_problems(
         return []
     where = f"launcher.pack: {size}"
     problems = []
-    if isinstance(launcher, SlurmLauncherSpec):
-        processes = launcher.nodes * launcher.processes_per_node
-        spread = (
-            f"launcher.nodes {launcher.nodes} × processes_per_node {launcher.processes_per_node}"
-        )
-    else:
-        processes = launcher.processes_per_trial
-        spread = f"launcher.processes_per_trial {processes}"
+    processes, spread = trial_processes(launcher)
     if processes > 1:
         problems.append(
             f"{where} with {spread}: a pack trains in one process, and these trials train on "

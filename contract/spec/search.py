@@ -187,6 +187,11 @@ def _scalar_kind(annotation: Any) -> str | None:
     return None
 
 
+# How the steps run, not what trains: outside a trial's id, so a search over them would ask for
+# trials that are one and the same.
+NOT_IDENTITY = ("train.compile", "train.compile_mode")
+
+
 def searchable_sections(
     methods: MethodsSpec, train: TrainSpec, grid: GridSpec
 ) -> dict[str, BaseModel]:
@@ -201,6 +206,8 @@ def searchable_fields(methods: MethodsSpec, train: TrainSpec, grid: GridSpec) ->
     for prefix, section in searchable_sections(methods, train, grid).items():
         for name, info in type(section).model_fields.items():
             if prefix == "grid" and name not in SEARCHED_GRID_FIELDS:
+                continue
+            if f"{prefix}.{name}" in NOT_IDENTITY:
                 continue
             kind = "float" if name == LIST_AXIS else _scalar_kind(info.annotation)
             if kind is not None:

@@ -34,6 +34,7 @@ from contract.spec.launchers import (
     RayLauncherSpec,
     SlurmLauncherSpec,
     TrackingSpec,
+    compile_problems,
     pack_problems,
     pack_search_problems,
 )
@@ -117,6 +118,22 @@ def _optimizer_fits_deepspeed(train: TrainSpec) -> list[str]:
             "runs its own optimizer); use optimizer: adamw with deepspeed, or drop deepspeed"
         ]
     return []
+
+
+@_across("train")
+def _compile_settings_agree(train: TrainSpec) -> list[str]:
+    problems = []
+    if train.compile_mode != "default" and train.compile != "inductor":
+        problems.append(
+            f"train.compile_mode: {train.compile_mode!r} is a mode of the inductor backend, and "
+            f"train.compile is {train.compile!r}; set compile: inductor, or drop compile_mode"
+        )
+    if train.compile != "no" and train.deepspeed is not None:
+        problems.append(
+            f"train.compile: {train.compile!r} cannot be combined with train.deepspeed (its "
+            "engine compiles through DeepSpeed's own path, not tested here); drop one of them"
+        )
+    return problems
 
 
 @_across("train", "methods")
@@ -283,6 +300,7 @@ def effective_resolution(model: BaseModelSpec, train: TrainSpec) -> int:
 
 _across("search", "methods", "train", "grid", "launcher")(search_problems)
 _across("launcher", "train", "base_model")(pack_problems)
+_across("launcher", "train")(compile_problems)
 _across("launcher", "search")(pack_search_problems)
 
 

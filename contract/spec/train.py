@@ -328,6 +328,15 @@ class TrainSpec(_Strict):
     attention: Literal["sdpa", "xformers"] = "sdpa"
     """Attention kernels: PyTorch's scaled-dot-product attention, or xformers (must be
     installed)."""
+    compile: Literal["no", "inductor", "aot_eager"] = "no"
+    """`torch.compile` backend for the trained modules' training passes (Accelerate's
+    `dynamo_backend`; evaluation stays eager). `inductor` fuses kernels: faster steps after a
+    one-off compilation per architecture and process (minutes on a CPU, cached on disk for the
+    next trial on the machine); `aot_eager` traces without generating code (to check a setup
+    compiles)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    """Inductor's mode: `reduce-overhead` replays CUDA graphs (a GPU's launch-bound small
+    steps), `max-autotune` also tunes kernels (a longer compilation)."""
     cache_latents: bool = True
     """Encode each image with the VAE once (cached on disk, shared by the subject's trials),
     then keep the VAE off the accelerator except during evaluation."""
@@ -341,3 +350,9 @@ class TrainSpec(_Strict):
     """Class images and weight of the prior-preservation loss, for methods that turn it on."""
     checkpoints: CheckpointSpec = CheckpointSpec()
     """When checkpoints are written and which are kept."""
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value: object) -> object:
+        # YAML 1.1 reads an unquoted `compile: no` as false: it means "no".
+        return "no" if value is False else value
