@@ -28,6 +28,7 @@ from contract.spec import (
     TrainSpec,
     subject_image_files,
 )
+from contract.spec.train import EXECUTION_ONLY_FIELDS
 
 METRIC_SETTINGS: dict[str, set[str]] = {
     "fid_weights": {"fid", "kid"},
@@ -97,7 +98,7 @@ class TrialConfig(BaseModel):
         # rounding, as packing is). Prior-preservation settings matter only to a method that
         # uses them.
         unused = {"checkpoints"} if self.uses_prior else {"checkpoints", "prior"}
-        unused |= {"compile", "compile_mode"}
+        unused |= set(EXECUTION_ONLY_FIELDS)
         exclude: dict[str, Any] = {
             "image_files": True,
             "output_dir": True,

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from contract.spec.base import _Strict
-from contract.spec.train import GridSpec, MethodsSpec, TrainSpec
+from contract.spec.train import EXECUTION_ONLY_FIELDS, GridSpec, MethodsSpec, TrainSpec
 
 Choice = str | int | float | bool
 FIXED_AXES = ("grid.num_images", "grid.seed")
@@ -187,11 +187,6 @@ def _scalar_kind(annotation: Any) -> str | None:
     return None
 
 
-# How the steps run, not what trains: outside a trial's id, so a search over them would ask for
-# trials that are one and the same.
-NOT_IDENTITY = ("train.compile", "train.compile_mode")
-
-
 def searchable_sections(
     methods: MethodsSpec, train: TrainSpec, grid: GridSpec
 ) -> dict[str, BaseModel]:
@@ -207,8 +202,8 @@ def searchable_fields(methods: MethodsSpec, train: TrainSpec, grid: GridSpec) ->
         for name, info in type(section).model_fields.items():
             if prefix == "grid" and name not in SEARCHED_GRID_FIELDS:
                 continue
-            if f"{prefix}.{name}" in NOT_IDENTITY:
-                continue
+            if prefix == "train" and name in EXECUTION_ONLY_FIELDS:
+                continue  # outside the trial id: every value would be the same trial
             kind = "float" if name == LIST_AXIS else _scalar_kind(info.annotation)
             if kind is not None:
                 found[f"{prefix}.{name}"] = kind

@@ -300,6 +300,11 @@ class ExportSpec(_Strict):
         return formats
 
 
+# TrainSpec fields that say how the steps run, not what trains (the same trajectory to rounding):
+# outside a trial's id (contract/trial.py), so no search axis either (contract/spec/search.py).
+EXECUTION_ONLY_FIELDS = ("compile", "compile_mode")
+
+
 class TrainSpec(_Strict):
     """How each trajectory trains."""
 
