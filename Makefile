@@ -33,9 +33,11 @@ quickstart: install
 	$(VENV)/bin/dreamsweep select configs/quickstart.yaml
 	$(VENV)/bin/dreamsweep report configs/quickstart.yaml
 
-# The inference study compares `tiny` with the quickstart's registered best LoRA: the quickstart
-# runs first (a finished quickstart trains nothing again).
-inference-quickstart: quickstart
+# The inference study compares `tiny` with the tiny quickstart's registered best LoRA: that sweep
+# runs first (a finished sweep trains nothing again).
+inference-quickstart: install
+	$(VENV)/bin/dreamsweep run configs/tiny_quickstart.yaml
+	$(VENV)/bin/dreamsweep select configs/tiny_quickstart.yaml
 	$(VENV)/bin/dreamsweep run configs/inference_quickstart.yaml
 	$(VENV)/bin/dreamsweep report configs/inference_quickstart.yaml
 

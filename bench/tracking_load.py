@@ -42,7 +42,7 @@ def main() -> None:  # pragma: no cover - the benchmark, run by hand
     ]
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        quickstart = load_spec(repo / "configs" / "quickstart.yaml")
+        quickstart = load_spec(repo / "configs" / "tiny_quickstart.yaml")
         seeds = quickstart.grid.model_copy(update={"seed": list(range(max(args.writers)))})
         spec = quickstart.model_copy(update={"grid": seeds, "output_dir": root / "sweep"})
         trials = [t.model_dump_json() for t in expand_grid(spec)]

@@ -2,7 +2,7 @@
 
 PyTorch sizes its intra-op pool to the whole machine in every process. Two trials side by side
 on 2 cores then run 4 spinning OpenMP threads, and a CPU sweep takes about twice as long as with
-one thread each (measured on the quickstart). A user's own OMP_NUM_THREADS always wins.
+one thread each (measured on the tiny quickstart). A user's own OMP_NUM_THREADS always wins.
 """
 
 from __future__ import annotations

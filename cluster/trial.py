@@ -27,6 +27,7 @@ from accelerate import PartialState
 
 from cluster.signals import DIE_WITH_PARENT, REQUEUE_EXIT, SCHEDULER_SIGNALS, die_with_parent
 from contract.layout import TAG_ERROR, TAG_PAUSED
+from contract.spec import logged_curves
 
 if TYPE_CHECKING:
     from cluster.reporters import Reporters
@@ -137,7 +138,7 @@ def open_recording(
         on_writes_pending=lambda writes: events.emit("journal_pending", writes=writes, **tagged),
     )
     # A resumed trial's stopper first reads what the run logged before the interruption.
-    history = tracking.evaluations(run_id, config.eval.metrics)
+    history = tracking.evaluations(run_id, logged_curves(config.eval.metrics))
     return TrialRecording(
         config=config,
         run_id=run_id,

@@ -58,17 +58,24 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 
-BUILTIN_MODELS: dict[str, str] = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
-"""The offline toy models (random init, real CLIP tokenizer) → their family."""
+BUILTIN_MODELS: dict[str, str] = {
+    "tiny": "sd1",
+    "tiny-sd2": "sd2",
+    "tiny-sdxl": "sdxl",
+    "toy": "sd1",
+}
+"""The offline models → their family: the `tiny` ones random-init (built on first use, the real
+CLIP tokenizer), `toy` pretrained on the toy world (committed: `contract.toy_models`)."""
 
-BUILTIN_RESOLUTION_MULTIPLES: dict[str, int] = {"tiny": 8, "tiny-sd2": 8, "tiny-sdxl": 8}
+BUILTIN_RESOLUTION_MULTIPLES: dict[str, int] = {"tiny": 8, "tiny-sd2": 8, "tiny-sdxl": 8, "toy": 8}
 """The pixel multiple each toy model takes (`resolution_multiple` of its built folder: its VAE's
 factor 8), known without building it."""
 
-BUILTIN_DEFAULT_RESOLUTIONS: dict[str, int] = {"tiny-sd2": 64, "tiny-sdxl": 64}
+BUILTIN_DEFAULT_RESOLUTIONS: dict[str, int] = {"tiny-sd2": 64, "tiny-sdxl": 64, "toy": 64}
 """Training resolution of a toy model whose entry and `train` set none: 64 px, not its family's
-768 or 1024 (toys at that size only cost time). `tiny` is not listed: it trains at
-`train.resolution`'s default, as before model families, so those trials keep their ids."""
+768 or 1024 (toys at that size only cost time; `toy` was trained at 64 px). `tiny` is not
+listed: it trains at `train.resolution`'s default, as before model families, so those trials
+keep their ids."""
 
 
 class UnsupportedModel(ValueError):

@@ -55,11 +55,17 @@ SET_LEVEL_SETTINGS = frozenset(
 changing one rescores no image (`Shard.image_scoring_digest` leaves them out)."""
 
 
+TRAINING_ONLY_SETTINGS = ("oracle_model",)
+"""`EvalSpec` settings an inference study never reads (its checks refuse `oracle`): left out of
+its digests, so the studies run before the field existed still find their runs and sidecars."""
+
+
 def scoring_digest(eval_spec: EvalSpec, reference_files: list[Path]) -> str:
     """sha256 of what decides a combination's scores beside its images: every metric and its
     settings (the `EvalSpec`) and the subject's reference images (by path). A combination's run
     is for one scoring (`contract.layout.TAG_SCORING_DIGEST`): changed settings log it again."""
-    return _digest([eval_spec.model_dump(mode="json"), [str(p) for p in reference_files]])
+    settings = eval_spec.model_dump(mode="json", exclude=set(TRAINING_ONLY_SETTINGS))
+    return _digest([settings, [str(p) for p in reference_files]])
 
 
 def image_key(prompt: StudyPrompt, image_index: int) -> str:
@@ -196,7 +202,9 @@ class Shard(_Frozen):
     def image_scoring_digest(self) -> str:
         """sha256 of what decides an image's per-image scores (its sidecar's): those metrics,
         their settings and the references; a sidecar with another digest is scored again."""
-        settings = self.eval.model_dump(mode="json", exclude=set(SET_LEVEL_SETTINGS))
+        settings = self.eval.model_dump(
+            mode="json", exclude={*SET_LEVEL_SETTINGS, *TRAINING_ONLY_SETTINGS}
+        )
         references = [str(p) for p in self.reference_files]
         return _digest([settings, sorted(self.per_image_metrics), references])
 

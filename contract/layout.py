@@ -28,6 +28,9 @@ SETUP_FACE_DETECTOR = "face_detector"
 TAG_FACE_DETECTOR = f"{TAG_SETUP_PREFIX}{SETUP_FACE_DETECTOR}"
 """The face detector in_domain and identity ran: `dlib_hog`, `dlib_mmod` or `opencv_haar`
 (dlib when installed, the Haar cascade otherwise)."""
+SETUP_ORACLE_SUBJECT = "oracle_subject"
+"""Which toy-world subject the `oracle` judged the trial's images against (and how well the
+subject's own images match it)."""
 TAG_PAUSED = "dreamsweep.paused_at_step"
 """Checkpointed and stopped by the scheduler's signal, to be requeued."""
 TAG_EARLY_STOP_STEP = "dreamsweep.early_stop.step"

@@ -34,6 +34,7 @@ METRIC_SETTINGS: dict[str, set[str]] = {
     "fid_weights": {"fid", "kid"},
     "kid_subsets": {"kid"},
     "kid_subset_size": {"kid"},
+    "oracle_model": {"oracle"},
 }
 """`eval.` settings that only the named metrics read (and only then belong to a trial's id)."""
 

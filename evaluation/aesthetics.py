@@ -5,8 +5,8 @@ The head's weights (`sac+logos+ava1-l14-linearMSE.pth`, from the
 christophschuhmann/improved-aesthetic-predictor repository, the default `eval.aesthetics_head`
 URL) come from a file or a URL in the spec (downloaded once, under a lock: see
 `evaluation.downloads`); `tiny` builds a random-init head sized for the tiny CLIP, saved and
-loaded the same way. The file is the predictor's `state_dict()`: exactly the keys of
-`HEAD_KEYS` (its Dropout layers hold none).
+loaded the same way; `toy` is the head trained on the toy world's CLIP (committed). The file is
+the predictor's `state_dict()`: exactly the keys of `HEAD_KEYS` (its Dropout layers hold none).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch import nn
 from contract.cache import build_once
 from contract.spec import TINY
 from contract.spec.evaluation import LAION_AESTHETIC_HEAD, is_url
+from contract.toy_models import TOY, toy_model_path
 from evaluation.downloads import cached_download
 
 TINY_HEAD_NAME = "tiny-aesthetic-head-v1"
@@ -56,7 +57,10 @@ def _build_tiny_head(directory: Path) -> None:
 
 
 def head_file(source: str) -> Path:
-    """The weights file: `tiny` (built), a local path, or a URL (downloaded once to the cache)."""
+    """The weights file: `tiny` (built), `toy` (committed), a local path, or a URL (downloaded
+    once to the cache)."""
+    if source == TOY:
+        return toy_model_path("aesthetics_head")
     if source == TINY:
         return build_once(TINY_HEAD_NAME, _build_tiny_head) / TINY_HEAD_FILE
     if is_url(source):

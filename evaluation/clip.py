@@ -21,6 +21,7 @@ from transformers import (
 
 from contract.cache import build_once
 from contract.spec import TINY
+from contract.toy_models import TOY, toy_model_path
 from evaluation.tokenizer import write_clip_tokenizer
 
 TINY_CLIP_NAME = "tiny-clip-v1"
@@ -66,7 +67,10 @@ def build_tiny_clip(directory: Path) -> None:
 
 
 def resolve_clip_source(name: str) -> str:
-    """`tiny` → its cached folder (built on first use); a hub id or folder is passed through."""
+    """`tiny` → its cached folder (built on first use), `toy` → the toy world's committed CLIP;
+    a hub id or folder is passed through."""
+    if name == TOY:
+        return str(toy_model_path("clip_model"))
     return str(build_once(TINY_CLIP_NAME, build_tiny_clip, isolate=True)) if name == TINY else name
 
 

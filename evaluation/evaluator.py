@@ -142,8 +142,9 @@ class Evaluator:
         curves: dict[str, float] = {}
         for variant, rows in self.context.variant_rows():
             for name in self.spec.metrics:  # the spec's order: the logged curves' order
-                key = no_negative_key(name) if variant == NO_NEGATIVE else name
-                curves[key] = self.metrics[name].curve(generated, rows, per_image.get(name))
+                values = self.metrics[name].curves(generated, rows, per_image.get(name))
+                for curve, value in values.items():
+                    curves[no_negative_key(curve) if variant == NO_NEGATIVE else curve] = value
         return curves, columns
 
     def records(self, per_image: dict[str, list]) -> list[dict[str, object]]:

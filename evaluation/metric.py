@@ -43,6 +43,13 @@ class EvalMetric:
             raise NotImplementedError(f"{self.name}: a set-level metric overrides curve()")
         return per_image[rows].mean().item()
 
+    def curves(
+        self, generated: GeneratedImages, rows: list[int], per_image: torch.Tensor | None
+    ) -> dict[str, float]:
+        """Every curve this metric logs for one variant's images, by name: one, its own
+        (`curve`), unless the metric logs several (`contract.spec.base.CURVES_OF`)."""
+        return {self.name: self.curve(generated, rows, per_image)}
+
     def record_columns(self, generated: GeneratedImages) -> dict[str, list[object]]:
         """More per-image columns for the records (`<name>.<what>` → one value per job), asked
         after `per_image` on the same images: what explains a value, such as a face count."""

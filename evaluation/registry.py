@@ -19,6 +19,7 @@ from evaluation.metric_fid import Fid
 from evaluation.metric_identity import Identity
 from evaluation.metric_in_domain import InDomain
 from evaluation.metric_kid import Kid
+from evaluation.metric_oracle import OracleMetric
 from evaluation.metric_similarity import Similarity
 
 METRICS: dict[str, type[EvalMetric]] = {
@@ -30,6 +31,7 @@ METRICS: dict[str, type[EvalMetric]] = {
     "diversity": Diversity,
     "fid": Fid,
     "kid": Kid,
+    "oracle": OracleMetric,
 }
 
 # The spec validates names against `contract.spec.Metric`: both lists must say the same.

@@ -16,6 +16,7 @@ from contract.spec import (
     SpecError,
     SweepSpec,
     load_any_spec,
+    logged_curves,
 )
 from launch.output import (
     FORMATS,
@@ -103,7 +104,7 @@ def _run(spec: SweepSpec, console: Console, args: argparse.Namespace) -> int:
 def parse_weights(text: str, spec: SweepSpec) -> dict[str, float]:
     """`similarity=1,aesthetics=1,diversity=0.5` → weights; raises SpecError naming each problem."""
     weights, problems = {}, []
-    measured = [m for m in spec.eval.metrics if m in SELECTABLE_METRICS]
+    measured = [m for m in logged_curves(spec.eval.metrics) if m in SELECTABLE_METRICS]
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, value = item.partition("=")
         name = name.strip()

@@ -27,7 +27,7 @@ from mlflow.entities import Run
 from cluster.optuna_trial import make_pruner
 from contract.layout import search_best_file, search_best_score, search_best_tag
 from contract.scoring import best_step, weighted_scores
-from contract.spec import Distribution, SearchSpec, SweepSpec
+from contract.spec import Distribution, SearchSpec, SweepSpec, logged_curves
 from contract.spec.search import applies_to, open_storage, study_storage, with_values
 from contract.trial import TrialConfig
 from launch.grid import expand_grid
@@ -159,7 +159,7 @@ def run_score(tracking: SweepTracking, run: Run, trial: TrialConfig) -> float | 
     """The objective: the trial's best weighted score over its trained steps. Not step 0: it is
     the base model, the same for every trial of the group, so every trial worse than the base
     would tie at its score."""
-    histories = tracking.histories(run.info.run_id, trial.eval.metrics)
+    histories = tracking.histories(run.info.run_id, logged_curves(trial.eval.metrics))
     weights = trial.selection.weights_for(trial.eval.metrics)
     scores = weighted_scores(histories, weights, trial.selection.ranges)
     trained = {step: score for step, score in scores.items() if step > 0}

@@ -19,7 +19,7 @@ from mlflow.entities import Run
 
 from cluster.claims import claim_holder
 from contract.layout import PARAM_OUTPUT_DIR, TAG_OPTUNA_STUDY, TAG_PRUNED
-from contract.spec import SweepSpec
+from contract.spec import SweepSpec, logged_curves
 from launch.grid import expand_grid
 from launch.slurm import SlurmError, read_jobs, slurm_states
 from tracking.journal import read_journal, unreachable
@@ -127,7 +127,7 @@ def sweep_status(spec: SweepSpec) -> SweepStatus:
         if not unreachable(err):
             raise
         mlflow_error = f"{spec.tracking_uri} did not answer ({err})"
-    metrics = list(spec.eval.metrics)
+    metrics = logged_curves(spec.eval.metrics)
     searched = spec.search.kind == "optuna"
     grid = {} if searched else {t.trial_id: (t.label, t.output_dir) for t in expand_grid(spec)}
     others = {

@@ -40,7 +40,7 @@ from contract.scoring import (
     min_max_scale,
     weighted_scores,
 )
-from contract.spec import SELECTABLE_METRICS, SweepSpec
+from contract.spec import SELECTABLE_METRICS, SweepSpec, logged_curves
 from selection.search_report import with_search_section
 from tracking.records import load_records, per_phrase_means
 from tracking.sweep import SweepTracking
@@ -96,7 +96,7 @@ def fit_steps_per_image(points: list[tuple[int, int]]) -> float | None:
 
 def measured_metrics(spec: SweepSpec) -> list[str]:
     """The metrics the page has a slider and a column for: the measured, weightable ones."""
-    return [m for m in spec.eval.metrics if m in SELECTABLE_METRICS]
+    return [m for m in logged_curves(spec.eval.metrics) if m in SELECTABLE_METRICS]
 
 
 def gather(spec: SweepSpec) -> list[TrialCurves]:
@@ -306,7 +306,7 @@ def fit_table(trials: list[TrialCurves], weights: dict[str, float], spec: SweepS
 def phrase_table(spec: SweepSpec, trials: list[TrialCurves]) -> Table:
     """Mean of each metric per (slot, phrase) at each trial's best step under the spec's weights,
     over the trials; no rows without per-image records."""
-    metrics = list(spec.eval.metrics)
+    metrics = logged_curves(spec.eval.metrics)
     if not spec.eval.records:
         return Table(["slot", "phrase"], [])
     tracking = SweepTracking(spec.tracking_uri, spec.experiment_name)

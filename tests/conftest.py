@@ -284,14 +284,14 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     root = tmp_path_factory.mktemp("quickstart")
     shutil.copytree(REPO / "configs", root / "configs")
-    spec = "configs/quickstart.yaml"
+    spec = "configs/tiny_quickstart.yaml"
     run = dreamsweep("run", spec, cwd=root, env=FAKE_SECRETS)
     assert run.returncode == 0, run.stdout + run.stderr
     select = dreamsweep("select", spec, cwd=root, env=FAKE_SECRETS)
     assert select.returncode == 0, select.stdout + select.stderr
-    uri = f"sqlite:///{root / 'runs' / 'quickstart' / 'mlflow.db'}"
+    uri = f"sqlite:///{root / 'runs' / 'tiny_quickstart' / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name("quickstart")
+    experiment = client.get_experiment_by_name("tiny_quickstart")
     runs = client.search_runs([experiment.experiment_id])
     return {
         "root": root,
@@ -331,7 +331,7 @@ def trial_histories(
 
 
 def quickstart_slice(spec: dict) -> dict:
-    """configs/quickstart.yaml cut to one subject, its smaller image count and two methods:
+    """configs/tiny_quickstart.yaml cut to one subject, its smaller image count and two methods:
     DreamBooth (its class images, generated once and shared by trials on any node) and textual
     inversion; LoRA, `small_spec`'s method, runs on every launcher in their other tests. Two
     trials, the same (ids and labels follow content) as in the full quickstart: on two nodes they

@@ -45,6 +45,7 @@ def configs_only(source: Path, destination: Path) -> Path:
 def test_family_is_read_from_the_configs_not_the_name(tmp_path: Path) -> None:
     expected = {"tiny": ("sd1", 8, "epsilon"), "tiny-sd2": ("sd2", 8, "v_prediction")}
     expected["tiny-sdxl"] = ("sdxl", 8, "epsilon")  # the VAE's factor: 2 ** (4 blocks - 1)
+    expected["toy"] = ("sd1", 8, "epsilon")  # the toy world's pretrained pipeline, committed
     assert BUILTIN_MODELS == {name: family for name, (family, _, _) in expected.items()}
     for name, (family, multiple, prediction) in expected.items():
         folder = Path(resolve_model_source(name))

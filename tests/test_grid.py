@@ -119,9 +119,13 @@ def test_the_quickstart_trials_keep_their_ids() -> None:
     """A trial's id is how a re-run finds it finished: a change to what is hashed (a new spec
     field, a new default) must not silently retrain every sweep already run. These are the ids
     the quickstart's trials have had since the world size and the FID/KID settings were added
-    (they are left out where they change nothing)."""
-    spec = load_spec(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
-    ids = {trial.label: trial.trial_id for trial in expand_grid(spec)}
+    (they are left out where they change nothing; so is the oracle's). The quickstart was
+    configs/tiny_quickstart.yaml until it moved to the toy world: under its old name (the sweep's
+    name is part of the id) its trials still hash as they did."""
+    spec = load_spec(Path(__file__).resolve().parents[1] / "configs" / "tiny_quickstart.yaml")
+    renamed = {trial.label: trial.trial_id for trial in expand_grid(spec)}
+    ids = {t.label: t.trial_id for t in expand_grid(spec.model_copy(update={"name": "quickstart"}))}
+    assert renamed.keys() == ids.keys() and not set(renamed.values()) & set(ids.values())
     assert ids == {
         "robot/dreambooth/n=2/lr=0.0001/seed=0": "d02ab9a1ce89",
         "robot/dreambooth/n=4/lr=0.0001/seed=0": "dd931e5e7db3",

@@ -219,12 +219,12 @@ PACKABLE = ("lora", "textual_inversion")
 
 
 def quickstart_cut(folder: Path, subjects: list[str], launcher: dict) -> Path:
-    """configs/ copied into `folder`, its quickstart.yaml cut to the LoRA and textual-inversion
-    trials of `subjects` (DreamBooth trains alone in a packed sweep: nothing to show) and run
-    on `launcher`. Its name stays `quickstart`, so each trial keeps its id; its outputs and
-    MLflow store are the copy's (runs/quickstart in `folder`)."""
+    """configs/ copied into `folder`, its tiny_quickstart.yaml cut to the LoRA and
+    textual-inversion trials of `subjects` (DreamBooth trains alone in a packed sweep: nothing
+    to show) and run on `launcher`. Its name stays `tiny_quickstart`, so each trial keeps its
+    id; its outputs and MLflow store are the copy's (runs/tiny_quickstart in `folder`)."""
     shutil.copytree(REPO / "configs", folder / "configs")
-    path = folder / "configs" / "quickstart.yaml"
+    path = folder / "configs" / "tiny_quickstart.yaml"
     spec = yaml.safe_load(path.read_text())
     spec["subjects"] = [s for s in spec["subjects"] if s["name"] in subjects]
     spec["methods"] = {m: options for m, options in spec["methods"].items() if m in PACKABLE}
@@ -276,14 +276,14 @@ def assert_the_quickstarts_trials_and_curves(
 ) -> None:
     """`packed` (from `curves`) holds the quickstart's LoRA and textual-inversion trials of
     `subjects`, by label and id, each with the curves it has in the (unpacked) quickstart."""
-    plain = REPO / "configs" / "quickstart.yaml"
+    plain = REPO / "configs" / "tiny_quickstart.yaml"
     expected = {
         t.label: t.trial_id
         for t in expand_grid(load_spec(plain))
         if t.method in PACKABLE and t.subject.name in subjects
     }
     assert {label: trial_id for label, (trial_id, _) in packed.items()} == expected
-    alone = curves(quickstart["root"] / "configs" / "quickstart.yaml")
+    alone = curves(quickstart["root"] / "configs" / "tiny_quickstart.yaml")
     for label, (trial_id, histories) in packed.items():
         alone_id, alone_histories = alone[label]
         assert alone_id == trial_id, label
@@ -309,7 +309,7 @@ def test_the_packed_quickstart_equals_the_quickstart_on_the_local_launcher_and_s
     quickstart's thread share (its `max_parallel` 2: cores // 2), so reductions add up alike."""
     subjects = ["robot", "mug"]
     path = quickstart_cut(tmp_path, subjects, {"kind": "local", "max_parallel": 2, "pack": 4})
-    run = dreamsweep("run", "configs/quickstart.yaml", cwd=tmp_path)
+    run = dreamsweep("run", "configs/tiny_quickstart.yaml", cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "8 to run in 2 workers (launcher.pack 4)" in run.stdout
     assert run.stdout.count(" finished (") == 8  # an outcome line per trial
@@ -333,13 +333,13 @@ def test_the_packed_quickstart_equals_the_quickstart_on_the_local_launcher_and_s
     runs = client.search_runs([experiment.experiment_id], "tags.`dreamsweep.role` = 'trial'")
     assert {r.data.tags["dreamsweep.setup.pack_members"] for r in runs} == {"4"}
 
-    select = dreamsweep("select", "configs/quickstart.yaml", cwd=tmp_path)
+    select = dreamsweep("select", "configs/tiny_quickstart.yaml", cwd=tmp_path)
     assert select.returncode == 0, select.stdout + select.stderr
     assert all(label in select.stdout for label in packed)
     # every subject × method's best checkpoint registered, from packed members' checkpoints
     for subject in subjects:
         for method in PACKABLE:
-            assert f"models:/quickstart.{subject}.{method}@best" in select.stdout
+            assert f"models:/tiny_quickstart.{subject}.{method}@best" in select.stdout
 
 
 @pytest.mark.slow
@@ -357,7 +357,7 @@ def test_the_packed_quickstart_on_slurm_runs_a_task_per_pack_requeues_and_equals
 
     subjects = ["robot"]
     path = quickstart_cut(tmp_path, subjects, {"kind": "slurm", "pack": 2, "time_min": 10})
-    submitted = dreamsweep("run", "configs/quickstart.yaml", cwd=tmp_path)
+    submitted = dreamsweep("run", "configs/tiny_quickstart.yaml", cwd=tmp_path)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     listed = [
         line.rsplit("job ", 1)[1] for line in submitted.stdout.splitlines() if ": pack " in line
@@ -417,7 +417,7 @@ def test_the_packed_quickstart_is_the_quickstart_packed() -> None:
     """configs/quickstart_packed.yaml: the quickstart's trials (labels, settings), 4 to a pack:
     its LoRA and textual-inversion trials in one pack each, its DreamBooth trials alone."""
     packed = load_spec(REPO / "configs" / "quickstart_packed.yaml")
-    plain = load_spec(REPO / "configs" / "quickstart.yaml")
+    plain = load_spec(REPO / "configs" / "tiny_quickstart.yaml")
     first = (REPO / "configs" / "quickstart_packed.yaml").read_text().splitlines()[0]
     assert first.startswith("# Run: dreamsweep run configs/quickstart_packed.yaml")
     assert packed.launcher.pack == 4

@@ -1,5 +1,6 @@
-"""The quickstart sweep end to end: the real config file, the real CLI, a real MLflow store, and
-the three methods side by side on the quickstart subjects."""
+"""The tiny quickstart sweep (configs/tiny_quickstart.yaml, the pipeline's smoke run) end to end:
+the real config file, the real CLI, a real MLflow store, and the three methods side by side on
+its subjects. The toy-world quickstart's dynamics: tests/test_toy_models.py and bench/."""
 
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ def test_select_logs_best_step_and_prints_table(quickstart: dict) -> None:
 
 def test_second_run_trains_nothing(quickstart: dict) -> None:
     root = quickstart["root"]
-    checkpoints = sorted((root / "runs" / "quickstart").rglob("trainer_state.pt"))
+    checkpoints = sorted((root / "runs" / "tiny_quickstart").rglob("trainer_state.pt"))
     mtimes = [p.stat().st_mtime_ns for p in checkpoints]
     again = dreamsweep("run", quickstart["spec"], cwd=root)
     assert again.returncode == 0, again.stderr
@@ -148,7 +149,7 @@ def test_second_run_trains_nothing(quickstart: dict) -> None:
     assert "All trials are already done: nothing to train." in again.stdout
     assert [p.stat().st_mtime_ns for p in checkpoints] == mtimes
     client: MlflowClient = quickstart["client"]
-    experiment = client.get_experiment_by_name("quickstart")
+    experiment = client.get_experiment_by_name("tiny_quickstart")
     assert len(client.search_runs([experiment.experiment_id])) == 13
 
 
@@ -202,7 +203,7 @@ def test_the_best_checkpoint_of_each_subject_and_method_is_registered_and_loads(
     trials = {r.info.run_id: r for r in quickstart["runs"] if r.data.tags.get(TAG_TRIAL)}
     for subject in ("mug", "robot"):
         for method in METHOD_FILES:
-            name = f"quickstart.{subject}.{method}"
+            name = f"tiny_quickstart.{subject}.{method}"
             version = client.get_model_version_by_alias(name, "best")
             run = client.get_run(version.run_id)
             assert version.run_id in trials
@@ -229,7 +230,7 @@ def test_select_with_other_weights_points_the_alias_at_their_choice_and_records_
     quickstart: dict,
 ) -> None:
     client: MlflowClient = quickstart["client"]
-    name = "quickstart.robot.lora"
+    name = "tiny_quickstart.robot.lora"
     before = client.get_model_version_by_alias(name, "best")
     root, spec = quickstart["root"], quickstart["spec"]
     bad = dreamsweep("select", spec, "--weights", "similarity=1,fid=2,sharpness=1", cwd=root)

@@ -62,17 +62,17 @@ def test_the_quickstart_on_two_ray_nodes_equals_the_local_launcher(
     ray_address: str, quickstart: dict, tmp_path: Path
 ) -> None:
     shutil.copytree(REPO / "configs", tmp_path / "configs")
-    spec_path = tmp_path / "configs" / "quickstart.yaml"
+    spec_path = tmp_path / "configs" / "tiny_quickstart.yaml"
     spec = quickstart_slice(yaml.safe_load(spec_path.read_text()))
     spec["launcher"] = {"kind": "ray", "address": ray_address, "cpus_per_trial": 1}
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
 
-    run = dreamsweep("run", "configs/quickstart.yaml", cwd=tmp_path)
+    run = dreamsweep("run", "configs/tiny_quickstart.yaml", cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "2 trained, 0 stopped early by the fifo scheduler, 0 failed" in run.stdout
 
     on_ray = load_spec(spec_path)
-    local = quickstart["root"] / "configs" / "quickstart.yaml"
+    local = quickstart["root"] / "configs" / "tiny_quickstart.yaml"
     locally = load_spec(local)
     assert_same_curves(
         trial_histories(on_ray.tracking_uri, on_ray.experiment_name),
@@ -81,7 +81,7 @@ def test_the_quickstart_on_two_ray_nodes_equals_the_local_launcher(
     )
     assert len(ray_nodes_of(on_ray.resolved_output_dir)) == 2  # trials landed on both nodes
     # `select` works unchanged on what the trials logged.
-    select = dreamsweep("select", "configs/quickstart.yaml", cwd=tmp_path)
+    select = dreamsweep("select", "configs/tiny_quickstart.yaml", cwd=tmp_path)
     assert select.returncode == 0, select.stdout + select.stderr
 
 

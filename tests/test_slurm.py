@@ -154,14 +154,15 @@ def squeue_reason(job: str) -> str:
 def test_the_quickstart_runs_as_a_job_array_and_equals_the_local_launcher(
     slurm_cluster, quickstart: dict, tmp_path: Path
 ) -> None:
-    """configs/quickstart.yaml (a 2-trial slice) with `launcher: slurm`: one array of 2 tasks on
-    the 2-node cluster, every curve equal to the local launcher's run of the same trials."""
+    """configs/tiny_quickstart.yaml (a 2-trial slice) with `launcher: slurm`: one array of 2
+    tasks on the 2-node cluster, every curve equal to the local launcher's run of the same
+    trials."""
     shutil.copytree(REPO / "configs", tmp_path / "configs")
-    path = tmp_path / "configs" / "quickstart.yaml"
+    path = tmp_path / "configs" / "tiny_quickstart.yaml"
     spec_dict = quickstart_slice(yaml.safe_load(path.read_text()))
     spec_dict["launcher"] = {"kind": "slurm", "time_min": 30}
     path.write_text(yaml.safe_dump(spec_dict, sort_keys=False))
-    submitted = dreamsweep("run", "configs/quickstart.yaml", cwd=tmp_path)
+    submitted = dreamsweep("run", "configs/tiny_quickstart.yaml", cwd=tmp_path)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     assert "0 still in SLURM, 2 to submit" in submitted.stdout
     assert "is a SQLite file, and launcher.kind is 'slurm'" in submitted.stderr
@@ -170,16 +171,16 @@ def test_the_quickstart_runs_as_a_job_array_and_equals_the_local_launcher(
     assert len(jobs) == 2 and all("_" in j for j in jobs)  # two tasks of one array
     assert len({j.split("_")[0] for j in jobs}) == 1
     wait_for_jobs(jobs, timeout=900)
-    status = dreamsweep("status", "configs/quickstart.yaml", cwd=tmp_path)
+    status = dreamsweep("status", "configs/tiny_quickstart.yaml", cwd=tmp_path)
     assert status.stdout.count("FINISHED") == 2, status.stdout
 
-    locally = load_spec(quickstart["root"] / "configs" / "quickstart.yaml")
+    locally = load_spec(quickstart["root"] / "configs" / "tiny_quickstart.yaml")
     assert_same_curves(
         trial_histories(spec.tracking_uri, spec.experiment_name),
         trial_histories(locally.tracking_uri, locally.experiment_name),
         slice_of_b=True,
     )
-    again = dreamsweep("run", "configs/quickstart.yaml", cwd=tmp_path)
+    again = dreamsweep("run", "configs/tiny_quickstart.yaml", cwd=tmp_path)
     assert "2 already done, 0 still in SLURM, 0 to submit" in again.stdout
     # the pickles the nodes run are writable by no other user
     assert (spec.resolved_output_dir / "slurm").stat().st_mode & 0o077 == 0

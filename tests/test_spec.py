@@ -42,12 +42,31 @@ def problems_of(path: Path) -> list[str]:
 
 
 def test_quickstart_spec_is_valid_and_resolved() -> None:
-    spec = load_spec(REPO / "configs" / "quickstart.yaml")
+    spec = load_spec(REPO / "configs" / "tiny_quickstart.yaml")
     assert [model.id for model in spec.base_model] == ["tiny"]
     assert spec.base_models[0].resolution == 64 and not spec.compares_models
     assert spec.subjects[0].images == REPO / "configs" / "subjects" / "robot"
-    assert spec.resolved_output_dir == REPO / "runs" / "quickstart"
-    assert spec.tracking_uri == f"sqlite:///{REPO / 'runs' / 'quickstart' / 'mlflow.db'}"
+    assert spec.resolved_output_dir == REPO / "runs" / "tiny_quickstart"
+    assert spec.tracking_uri == f"sqlite:///{REPO / 'runs' / 'tiny_quickstart' / 'mlflow.db'}"
+
+
+def test_the_quickstart_is_the_toy_world_with_oracle_curves_shown_not_weighted() -> None:
+    from launch.grid import expand_grid
+
+    spec = load_spec(REPO / "configs" / "quickstart.yaml")
+    assert [model.id for model in spec.base_model] == ["toy"]
+    assert spec.base_models[0].resolution == 64
+    assert [s.images for s in spec.subjects] == [
+        REPO / "configs" / "subjects" / "toyworld" / name for name in ("robot", "mug")
+    ]
+    assert (spec.eval.clip_model, spec.eval.aesthetics_head) == ("toy", "toy")
+    assert "oracle" in spec.eval.metrics
+    assert not any(name.startswith("oracle") for name in spec.selection_weights)
+    trials = expand_grid(spec)
+    assert len(trials) == 16 and {t.num_images for t in trials} == {2, 4}
+    assert {t.method for t in trials} == {"dreambooth", "lora", "textual_inversion"}
+    first = (REPO / "configs" / "quickstart.yaml").read_text().splitlines()[0]
+    assert first.startswith("# Run: dreamsweep run configs/quickstart.yaml")
 
 
 def test_unknown_key_lists_the_allowed_keys(tmp_path: Path) -> None:
@@ -564,7 +583,9 @@ def test_a_resolved_spec_with_several_models_loads_back_to_the_same_trials(
     assert [t.trial_id for t in expand_grid(again)] == [t.trial_id for t in expand_grid(spec)]
     assert (
         yaml.safe_load(
-            yaml.safe_dump(load_spec(REPO / "configs" / "quickstart.yaml").model_dump(mode="json"))
+            yaml.safe_dump(
+                load_spec(REPO / "configs" / "tiny_quickstart.yaml").model_dump(mode="json")
+            )
         )["base_model"]
         == "tiny"
     )  # one model: written as a value

@@ -201,8 +201,9 @@ def test_build_stages_train_resume_and_load_through_the_usual_code(
 @pytest.fixture(scope="module")
 def oracle() -> Oracle:
     """The oracle's CNN trained small (400 steps × 32 of 800 renders: a quarter of the build's
-    samples, about 15 s), on one thread: its weights, and so the scores below, do not depend on
-    the load. The build's (800 × 64 of 4000) scores the truth higher still (module doc)."""
+    samples, about 15 s, on renders alone), on one thread: its weights, and so the scores below,
+    do not depend on the load. The build's (1600 × 64 of 4000, half of them VAE round trips:
+    module doc) is tested in tests/test_toy_models.py."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

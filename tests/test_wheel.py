@@ -142,6 +142,7 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path: Path) -> None:
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    shutil.copy(REPO / "configs" / "tiny_quickstart.yaml", elsewhere)
     shutil.copy(REPO / "configs" / "quickstart.yaml", elsewhere)
     shutil.copytree(REPO / "configs" / "subjects", elsewhere / "subjects")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -156,10 +157,20 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path: Path) -> None:
     assert Path(imported.stdout.strip()).is_relative_to(site_packages)
 
     dreamsweep = str(venv / "bin" / "dreamsweep")
-    validated = run(dreamsweep, "validate", "quickstart.yaml")
+    validated = run(dreamsweep, "validate", "tiny_quickstart.yaml")
     assert validated.returncode == 0, validated.stderr
     assert "12 trials; each trains 30 steps" in validated.stdout
     assert str(site_packages / "contract" / "prompt_templates" / "object.yaml") in validated.stdout
+
+    # The toy world's models are not in the wheel: the toy quickstart names where to point.
+    toy = run(dreamsweep, "validate", "quickstart.yaml")
+    assert toy.returncode != 0
+    assert "base_model: 'toy' needs" in toy.stderr and "DREAMSWEEP_TOY_MODELS" in toy.stderr
+    env["DREAMSWEEP_TOY_MODELS"] = str(REPO / "toyworld" / "pretrained")
+    toy = run(dreamsweep, "validate", "quickstart.yaml")
+    assert toy.returncode == 0, toy.stderr
+    assert "16 trials; each trains 400 steps" in toy.stdout
+    assert str(site_packages / "contract" / "prompt_templates" / "toyworld.yaml") in toy.stdout
 
     expanded = run(dreamsweep, "prompts", "object", "--n", "3")
     assert expanded.returncode == 0, expanded.stderr

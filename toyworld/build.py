@@ -9,7 +9,8 @@ Stages, in order (each resumable after a kill, from `OUT_DIR/work/checkpoints/<s
    folder) and `samples.png`;
 4. `aesthetic`: the LAION head on frozen toy-CLIP embeddings, clean vs corrupted renders →
    `OUT_DIR/aesthetic_head.pth` (`aesthetics_head`);
-5. `oracle`: the oracle's attribute CNN → `OUT_DIR/oracle.safetensors`.
+5. `oracle`: the oracle's attribute CNN, on renders and their VAE round trips →
+   `OUT_DIR/oracle.safetensors`.
 
 Deterministic from `--seed`. A stage whose record in `build.json` already has its steps is
 skipped; asked for more steps, it continues from its checkpoint. `OUT_DIR/README.md` says how
@@ -51,7 +52,7 @@ DEFAULT_SETTINGS = {
     "clip": StageSettings(steps=2000, batch_size=128, learning_rate=5e-4, save_every=200),
     "unet": StageSettings(steps=5000, batch_size=64, learning_rate=4e-4, save_every=200),
     "aesthetic": StageSettings(steps=400, batch_size=64, learning_rate=1e-3, save_every=100),
-    "oracle": StageSettings(steps=800, batch_size=64, learning_rate=3e-3, save_every=800),
+    "oracle": StageSettings(steps=1600, batch_size=64, learning_rate=3e-3, save_every=1600),
 }
 POOL_SIZE = 24576
 """Draws whose latents the UNet trains on (each seen about 13 times at the default steps)."""
@@ -62,7 +63,7 @@ EXPORTS = {
     "aesthetic": "aesthetic_head.pth",
     "oracle": "oracle.safetensors",
 }
-UPSTREAM = {"unet": ("vae", "clip"), "aesthetic": ("clip",)}
+UPSTREAM = {"unet": ("vae", "clip"), "aesthetic": ("clip",), "oracle": ("vae",)}
 
 
 def _records(out: Path) -> dict[str, dict]:
@@ -98,14 +99,6 @@ def build(
     for stage in (s for s in STAGES if s in stages):
         wanted = chosen[stage]
         done = records.get(stage)
-        if (
-            done
-            and done.get("seed") == seed
-            and done["settings"] == asdict(wanted)
-            and (out / EXPORTS[stage]).exists()
-        ):
-            log(f"{stage}: built ({done['steps']} steps), skipped")
-            continue
         missing = [u for u in UPSTREAM.get(stage, ()) if u not in records]
         if missing:
             raise RuntimeError(f"stage {stage} needs {missing} built first in {out}")
@@ -113,6 +106,15 @@ def build(
             u: {"steps": records[u]["steps"], "seed": records[u]["seed"]}
             for u in UPSTREAM.get(stage, ())
         }
+        if (
+            done
+            and done.get("seed") == seed
+            and done["settings"] == asdict(wanted)
+            and done.get("inputs", {}) == inputs
+            and (out / EXPORTS[stage]).exists()
+        ):
+            log(f"{stage}: built ({done['steps']} steps), skipped")
+            continue
         log(f"{stage}: {wanted}")
         began = time.monotonic()
         if stage == "vae":

@@ -1,5 +1,6 @@
-"""Loading the base model's components: a hub id, a local diffusers folder, or a built-in toy
-model (`tiny`, `tiny-sd2`, `tiny-sdxl`: `trainers.tiny`).
+"""Loading the base model's components: a hub id, a local diffusers folder, a built-in random-init
+model (`tiny`, `tiny-sd2`, `tiny-sdxl`: `trainers.tiny`) or the toy world's pretrained `toy`
+(a committed folder: `contract.toy_models`).
 
 All go through the same `from_pretrained` calls. The family (`contract.families`) is read from
 the folder's configs, never from the name: it decides whether there is a second text encoder
@@ -24,6 +25,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from contract.cache import build_once
 from contract.families import BUILTIN_MODELS, family_of_folder
+from contract.toy_models import TOY, toy_model_path
 from trainers.tiny import BUILDERS
 
 PIPELINES: dict[str, type[DiffusionPipeline]] = {
@@ -71,8 +73,10 @@ class BaseModel:
 
 
 def resolve_model_source(base_model: str) -> str:
-    """A built-in toy model → its cached folder (built on first use); a hub id or folder is
-    passed through."""
+    """A built-in model → its folder (`tiny`s built on first use, `toy` committed); a hub id or
+    folder is passed through."""
+    if base_model == TOY:
+        return str(toy_model_path("base_model"))
     if base_model in BUILTIN_MODELS:
         name, build = BUILDERS[base_model]
         return str(build_once(name, build, isolate=True))

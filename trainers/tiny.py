@@ -23,7 +23,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from evaluation.tokenizer import write_clip_tokenizer
 
 # Cache names: bump one when its architecture changes, so a stale cache is not reused. `tiny`'s
-# name and weights are pinned: the quickstart's trial ids and the reference tests depend on them.
+# name and weights are pinned: the tiny quickstart's trial ids and the reference tests depend
+# on them.
 TINY_MODEL_NAME = "tiny-sd-v1"
 TINY_SD2_MODEL_NAME = "tiny-sd2-v1"
 TINY_SDXL_MODEL_NAME = "tiny-sdxl-v1"

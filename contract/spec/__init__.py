@@ -23,7 +23,16 @@ The package's modules, each importing only those above it:
 Import from `contract.spec` itself; the modules are its layout, not its interface.
 """
 
-from contract.spec.base import PROMPT_SLOTS, SAFE_NAME, TINY, Metric, SpecError
+from contract.spec.base import (
+    ORACLE_CURVES,
+    PROMPT_SLOTS,
+    SAFE_NAME,
+    TINY,
+    Curve,
+    Metric,
+    SpecError,
+    logged_curves,
+)
 from contract.spec.evaluation import (
     DEFAULT_PROMPTS,
     FACE_CLASSES,
@@ -89,6 +98,7 @@ __all__ = [
     "LAUNCHERS",
     "METHOD_OPTIONS",
     "MOVED_KEYS",
+    "ORACLE_CURVES",
     "PROMPT_SLOTS",
     "SAFE_NAME",
     "SCHEDULERS",
@@ -103,6 +113,7 @@ __all__ = [
     "BaseModelSpec",
     "CheckpointSpec",
     "CollapseSpec",
+    "Curve",
     "DeepSpeedSpec",
     "Distribution",
     "DreamBoothSpec",
@@ -140,6 +151,7 @@ __all__ = [
     "inference_warnings",
     "load_any_spec",
     "load_spec",
+    "logged_curves",
     "parse_spec",
     "subject_image_files",
 ]

@@ -13,10 +13,31 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PROMPT_SLOTS = ("token", "class")
 TINY = "tiny"
-# The curves evaluation can measure; here because the eval and selection sections both name them.
-Metric = Literal[
-    "similarity", "aesthetics", "diversity", "clip_t", "in_domain", "identity", "fid", "kid"
-]
+# The metrics evaluation can measure; here because the eval and selection sections both name them.
+METRICS = (
+    "similarity",
+    "aesthetics",
+    "diversity",
+    "clip_t",
+    "in_domain",
+    "identity",
+    "fid",
+    "kid",
+    "oracle",
+)
+Metric = Literal[METRICS]
+ORACLE_CURVES = ("oracle/subject", "oracle/prompt", "oracle/clean", "oracle/score")
+"""The toy world's oracle logs four curves (`evaluation.metric_oracle`); every other metric one,
+under its own name."""
+CURVES_OF: dict[str, tuple[str, ...]] = {"oracle": ORACLE_CURVES}
+CURVES = tuple(curve for metric in METRICS for curve in CURVES_OF.get(metric, (metric,)))
+# What selection can name (weights, ranges, collapse): the logged curves, not the metrics.
+Curve = Literal[CURVES]
+
+
+def logged_curves(metrics: list[str]) -> list[str]:
+    """The curves `eval.metrics` logs, in its order (`oracle` → its four)."""
+    return [curve for metric in metrics for curve in CURVES_OF.get(metric, (metric,))]
 
 
 class SpecError(ValueError):

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from contract.spec.base import PROMPT_SLOTS, TINY, Metric, _check_slots, _resolve, _Strict
+from contract.toy_models import TOY, toy_model_problem
 
 FACE_CLASSES = frozenset(
     {"man", "woman", "person", "boy", "girl", "child", "kid", "baby", "face", "people"}
@@ -100,13 +101,17 @@ class EvalSpec(_Strict):
     DINO ViT-S/16's class token (DreamBench's DINO score)."""
     clip_model: str = "openai/clip-vit-large-patch14"
     """CLIP for CLIP-I, `aesthetics`, `clip_t` and zero-shot `in_domain`: a hub id, a local
-    folder, or `tiny`."""
+    folder, `tiny` (random init), or `toy` (trained on the toy world: `contract.toy_models`)."""
     dino_model: str = "facebook/dino-vits16"
     """DINO ViT for `encoder: dino`: a hub id, a local folder, or `tiny`."""
     aesthetics_head: str = LAION_AESTHETIC_HEAD
     """The LAION aesthetic predictor's MLP weights (`sac+logos+ava1-l14-linearMSE.pth`): a URL
-    (downloaded once), a file (relative to the spec), or `tiny`. Its input width must equal
-    `clip_model`'s embedding width (768 for ViT-L/14)."""
+    (downloaded once), a file (relative to the spec), `tiny`, or `toy` (the head trained on the
+    toy CLIP, for `clip_model: toy`). Its input width must equal `clip_model`'s embedding width
+    (768 for ViT-L/14)."""
+    oracle_model: str = TOY
+    """`oracle` (toy world only): the attribute classifier that judges each image against the
+    world's ground truth, `toy` (the committed one) or a safetensors file of its layout."""
     in_domain: Literal["auto", "face", "zero_shot"] = "auto"
     """How `in_domain` decides: `face` detection (dlib's HOG detector when `dreamsweep[faces]` is
     installed, else OpenCV's Haar cascade; the trial records which ran), CLIP `zero_shot` against
@@ -158,11 +163,13 @@ class EvalSpec(_Strict):
     def _resolve_fid_reference(cls, path: Path | None, info: ValidationInfo) -> Path | None:
         return None if path is None else _resolve(path, info)
 
-    @field_validator("fid_weights", "aesthetics_head")
+    @field_validator("fid_weights", "aesthetics_head", "oracle_model")
     @classmethod
     def _resolve_weights_file(cls, source: str, info: ValidationInfo) -> str:
         # A string still: trial configs travel to workers as JSON.
-        return source if source == TINY or is_url(source) else str(_resolve(Path(source), info))
+        if source in (TINY, TOY) or is_url(source):
+            return source
+        return str(_resolve(Path(source), info))
 
     @model_validator(mode="after")
     def _consistent(self) -> EvalSpec:
@@ -178,8 +185,15 @@ class EvalSpec(_Strict):
                 problems.append(f"metric {metric!r} needs eval.fid_reference (a folder of images)")
             if metric in self.metrics and self.images_per_step < 2:
                 problems.append(f"{metric} needs at least 2 evaluation images per step")
-        if self.fid_weights == TINY:
-            problems.append("eval.fid_weights: no `tiny` Inception; give a file or a URL")
+        if self.fid_weights in (TINY, TOY):
+            problems.append(
+                f"eval.fid_weights: no `{self.fid_weights}` Inception; give a file or a URL"
+            )
+        if self.oracle_model == TINY or is_url(self.oracle_model):
+            problems.append(
+                f"eval.oracle_model: {self.oracle_model!r}; the oracle is `toy` or a file"
+            )
+        problems += self.toy_problems()
         repeated = sorted({m for m in self.metrics if self.metrics.count(m) > 1})
         if repeated:
             problems.append(f"eval.metrics: repeated {repeated}")
@@ -193,9 +207,21 @@ class EvalSpec(_Strict):
         sources = {}
         if self.fid_features == "inception" and {"fid", "kid"} & set(self.metrics):
             sources["eval.fid_weights"] = self.fid_weights
-        if "aesthetics" in self.metrics and self.aesthetics_head != TINY:
+        if "aesthetics" in self.metrics and self.aesthetics_head not in (TINY, TOY):
             sources["eval.aesthetics_head"] = self.aesthetics_head
+        if "oracle" in self.metrics and self.oracle_model != TOY:
+            sources["eval.oracle_model"] = self.oracle_model
         return sources
+
+    def toy_problems(self) -> list[str]:
+        """Why a `toy` model this section uses cannot be found here (none when all can)."""
+        used = {
+            "clip_model": self.clip_model == TOY,
+            "aesthetics_head": self.aesthetics_head == TOY and "aesthetics" in self.metrics,
+            "oracle_model": self.oracle_model == TOY and "oracle" in self.metrics,
+        }
+        found = (toy_model_problem(field) for field, toy in used.items() if toy)
+        return [f"eval.{problem}" for problem in found if problem]
 
     @property
     def images_per_step(self) -> int:

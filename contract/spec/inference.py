@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from contract.layout import NO_NEGATIVE_PROMPT
-from contract.spec.base import SAFE_NAME, Metric, _resolve, _Strict, _Study
+from contract.spec.base import SAFE_NAME, Curve, Metric, _resolve, _Strict, _Study
 from contract.spec.evaluation import EvalSpec, PromptTemplateSpec
 from contract.spec.inference_entries import (
     FEW_STEP_MAX_STEPS,
@@ -136,9 +136,9 @@ class InferenceMetricsSpec(_Strict):
 class InferenceSelectionSpec(_Strict):
     """How combinations are scored, as training steps are: weighted, min–max-scaled metrics."""
 
-    weights: dict[Metric, Annotated[float, Field(ge=0)]] | None = None
+    weights: dict[Curve, Annotated[float, Field(ge=0)]] | None = None
     """Weight per metric; unset means the study's weights for the measured ones."""
-    ranges: dict[Metric, tuple[float, float]] = Field(default_factory=lambda: dict(STUDY_RANGES))
+    ranges: dict[Curve, tuple[float, float]] = Field(default_factory=lambda: dict(STUDY_RANGES))
     """Min–max range per metric (scaled to [0, 1], clipped)."""
     steps_within: float = Field(default=0.02, ge=0, le=1)
     """ε on the 0–1 weighted score: the report's "fewest steps within ε of the best"."""

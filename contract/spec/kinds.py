@@ -105,6 +105,11 @@ def _metric_problems(metrics: InferenceMetricsSpec, selection: Any | None) -> li
     repeated = sorted({m for m in names if names.count(m) > 1})
     if repeated:
         problems.append(f"metrics.names: repeated {repeated}")
+    if "oracle" in names:
+        problems.append(
+            "metrics.names: 'oracle' judges a training sweep's images of a toy-world subject; "
+            "an inference study does not measure it"
+        )
     for metric in ("similarity", "identity"):
         if metric in names and metrics.references is None:
             problems.append(

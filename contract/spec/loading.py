@@ -97,7 +97,11 @@ def check_eval_files(evaluation: EvalSpec) -> list[str]:
                 reason = image_problem(path)
                 if reason:
                     problems.append(f"eval.fid_reference: {str(path)!r} is {reason}")
-    released = {"eval.fid_weights": INCEPTION_WEIGHTS, "eval.aesthetics_head": LAION_AESTHETIC_HEAD}
+    released = {
+        "eval.fid_weights": INCEPTION_WEIGHTS,
+        "eval.aesthetics_head": LAION_AESTHETIC_HEAD,
+        "eval.oracle_model": "`toy` (the toy world's oracle)",
+    }
     for field, source in evaluation.weights_sources.items():  # URLs: launch.preflight
         if not is_url(source) and not Path(source).is_file():
             problems.append(

@@ -7,11 +7,11 @@ from typing import Annotated
 
 from pydantic import Field, field_validator
 
-from contract.spec.base import Metric, _Strict
+from contract.spec.base import CURVES, ORACLE_CURVES, Curve, _Strict, logged_curves
 
 # Curves whose value rises with quality, so a stop step can be chosen on them. FID compares
 # models (lower is better, unbounded) and is reported, not weighted.
-SELECTABLE_METRICS = ("similarity", "aesthetics", "diversity", "clip_t", "in_domain", "identity")
+SELECTABLE_METRICS = tuple(curve for curve in CURVES if curve not in ("fid", "kid"))
 
 # Min–max ranges; scores are clipped to [0, 1] after scaling. Similarity, aesthetics (the LAION
 # score / 10) and diversity are the portrait study's; clip_t spans what DreamBench reports for
@@ -25,6 +25,7 @@ STUDY_RANGES: dict[str, tuple[float, float]] = {
     "clip_t": (0.2, 0.35),
     "in_domain": (0.0, 1.0),
     "identity": (0.4, 0.7),
+    **dict.fromkeys(ORACLE_CURVES, (0.0, 1.0)),
 }
 STUDY_WEIGHTS: dict[str, float] = {"similarity": 1.0, "aesthetics": 1.0, "diversity": 0.5}
 
@@ -33,7 +34,7 @@ class CollapseSpec(_Strict):
     """When a curve is said to collapse: it falls from its running best by more than `threshold`
     (in scaled units: a fraction of its min–max range)."""
 
-    metrics: list[Metric] = Field(default=["aesthetics", "diversity"])
+    metrics: list[Curve] = Field(default=["aesthetics", "diversity"])
     """Curves watched (those of them that are measured): the study read training degeneration
     from drops of aesthetics and diversity."""
     threshold: float = Field(default=0.2, gt=0, le=1)
@@ -50,9 +51,9 @@ class EarlyStopSpec(_Strict):
 class SelectionSpec(_Strict):
     """How the stop step is chosen from the curves."""
 
-    weights: dict[Metric, Annotated[float, Field(ge=0)]] | None = None
+    weights: dict[Curve, Annotated[float, Field(ge=0)]] | None = None
     """Weight of each metric in the score; unset means the study's weights for the measured ones."""
-    ranges: dict[Metric, tuple[float, float]] = Field(default_factory=lambda: dict(STUDY_RANGES))
+    ranges: dict[Curve, tuple[float, float]] = Field(default_factory=lambda: dict(STUDY_RANGES))
     """Min–max range per metric; values are scaled to [0, 1] over it and clipped."""
     collapse: CollapseSpec = CollapseSpec()
     """Collapse detection, reported beside the best step."""
@@ -74,7 +75,9 @@ class SelectionSpec(_Strict):
         """The weights: the spec's, or the study's for the measured metrics."""
         if self.weights is not None:
             return dict(self.weights)
-        return {m: STUDY_WEIGHTS[m] for m in measured if m in STUDY_WEIGHTS}
+        return {m: STUDY_WEIGHTS[m] for m in logged_curves(measured) if m in STUDY_WEIGHTS}
 
     def collapse_metrics(self, measured: list[str]) -> list[str]:
-        return [m for m in self.collapse.metrics if m in measured]
+        """The watched curves that `measured` (`eval.metrics`) logs."""
+        curves = logged_curves(measured)
+        return [m for m in self.collapse.metrics if m in curves]

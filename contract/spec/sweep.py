@@ -25,7 +25,7 @@ from contract.families import (
     resolution_multiple,
 )
 from contract.layout import model_short_name
-from contract.spec.base import _folder_problem, _resolve, _Study
+from contract.spec.base import _folder_problem, _resolve, _Study, logged_curves
 from contract.spec.evaluation import EvalSpec
 from contract.spec.launchers import (
     AshaSchedulerSpec,
@@ -90,10 +90,12 @@ def _unique_subject_names(subjects: list[SubjectSpec]) -> list[str]:
 def _weights_are_measured(selection: SelectionSpec, evaluation: EvalSpec) -> list[str]:
     problems = []
     if selection.weights is not None:
-        unmeasured = sorted(set(selection.weights) - set(evaluation.metrics))
+        curves = logged_curves(evaluation.metrics)
+        unmeasured = sorted(set(selection.weights) - set(curves))
         if unmeasured:
+            logs = f" (its curves: {curves})" if curves != evaluation.metrics else ""
             problems.append(
-                f"selection.weights: {unmeasured} not in eval.metrics {evaluation.metrics}"
+                f"selection.weights: {unmeasured} not in eval.metrics {evaluation.metrics}{logs}"
             )
         for distance in sorted({"fid", "kid"} & set(selection.weights)):
             problems.append(
@@ -195,7 +197,7 @@ def _early_stop_can_fire(selection: SelectionSpec, evaluation: EvalSpec) -> list
     if selection.early_stop is None or selection.collapse_metrics(evaluation.metrics):
         return []
     collapse, measured = selection.collapse.metrics, evaluation.metrics
-    candidates = [m for m in measured if m in SELECTABLE_METRICS]
+    candidates = [m for m in logged_curves(measured) if m in SELECTABLE_METRICS]
     watch_measured = (
         f"set selection.collapse.metrics to some of {candidates}, " if candidates else ""
     )

@@ -17,6 +17,7 @@ from pydantic import (
 
 from contract.families import BUILTIN_MODELS, check_folder, family_of_folder
 from contract.spec.base import SAFE_NAME, _check_slots, _folder_problem, _resolve, _Strict
+from contract.toy_models import TOY, toy_model_problem
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 LearningRates = Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)]
@@ -30,11 +31,12 @@ class BaseModelSpec(_Strict):
 
     id: str
     """Diffusers weights: a hub id, a local pipeline folder (its family read from its configs),
-    or a toy model built offline on first use (`tiny`, `tiny-sd2`, `tiny-sdxl`)."""
+    a random-init toy model built offline on first use (`tiny`, `tiny-sd2`, `tiny-sdxl`), or
+    `toy`: the toy world's pretrained pipeline (64 px; `contract.toy_models`)."""
     resolution: int | None = Field(default=None, ge=8, multiple_of=8)
     """Training resolution of this model's trials; unset: `train.resolution` when the spec sets
     it, else a folder's family's native resolution (SD 1.x 512, SD 2.x 512 or 768 for
-    v-prediction, SDXL 1024), 64 for the toys `tiny-sd2` and `tiny-sdxl`, else (a hub id,
+    v-prediction, SDXL 1024), 64 for `toy`, `tiny-sd2` and `tiny-sdxl`, else (a hub id,
     `tiny`) `train.resolution`'s default."""
     mixed_precision: MixedPrecision | None = None
     """Precision of this model's trials; unset: `train.mixed_precision`."""
@@ -47,6 +49,8 @@ class BaseModelSpec(_Strict):
     @field_validator("id")
     @classmethod
     def _local_or_hub(cls, model: str, info: ValidationInfo) -> str:
+        if model == TOY and (problem := toy_model_problem("base_model")):
+            raise ValueError(problem)
         if model in BUILTIN_MODELS or not model.startswith((".", "/", "~")):
             return model  # a hub id: its family is not knowable offline
         path = _resolve(Path(model), info)
