@@ -31,7 +31,8 @@ def toy_models_folder() -> Path:
 
 
 def toy_model_problem(field: str) -> str | None:
-    """Why `field: toy` cannot load here (its file or folder is missing), or None."""
+    """Why `field: toy` cannot load here (its file or folder is missing), or None; the caller
+    names the field."""
     path = toy_models_folder() / TOY_PARTS[field]
     if path.exists():
         return None
@@ -41,7 +42,7 @@ def toy_model_problem(field: str) -> str | None:
         else "the source checkout's toyworld/pretrained (a wheel does not carry it)"
     )
     return (
-        f"{field}: 'toy' needs {str(path)!r}, which does not exist; the toy world's models are "
+        f"'toy' needs {str(path)!r}, which does not exist; the toy world's models are "
         f"read from {where}: set {TOY_MODELS_ENV} to a folder of them (`make toyworld` builds "
         "one)"
     )
@@ -51,5 +52,5 @@ def toy_model_path(field: str) -> Path:
     """The file or folder of `field: toy`; raises FileNotFoundError saying where to get it."""
     problem = toy_model_problem(field)
     if problem:
-        raise FileNotFoundError(problem)
+        raise FileNotFoundError(f"{field}: {problem}")
     return toy_models_folder() / TOY_PARTS[field]

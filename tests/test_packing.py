@@ -34,9 +34,18 @@ where the loss agreed to 1e-6). So a weight tensor is held to its norm: ‖packe
 
 def assert_weights_match(got: torch.Tensor, expected: torch.Tensor, learning_rate: float) -> None:
     difference = (got.double() - expected.double()).norm().item()
+    norm = expected.double().norm().item()
     # A tensor alone left at zero (an adapter's B in a layer the loss never reached) stays zero.
-    assert difference <= WEIGHT_RELATIVE_NORM * expected.double().norm().item(), difference
-    assert (got - expected).abs().max().item() < learning_rate / 10
+    if norm == 0:
+        assert difference == 0
+    elif norm >= learning_rate:
+        assert difference <= WEIGHT_RELATIVE_NORM * norm, (difference, norm)
+        assert (got - expected).abs().max().item() < learning_rate / 10
+    else:
+        # It moved less than one learning-rate step in all: its gradient is near zero, so its
+        # steps are rounding through Adam's division (seen on a second CPU type: norm 6e-5 at
+        # lr 1e-3, 100% apart, elements 1.1e-4 apart). Held to what that can add up to.
+        assert difference <= learning_rate, (difference, norm)
 
 
 WEIGHT_FILES = {

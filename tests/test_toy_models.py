@@ -103,6 +103,16 @@ def test_a_missing_toy_folder_is_named_for_every_field_that_uses_it(
     ):
         assert f"{field}: 'toy' needs {str(nowhere / part)!r}" in text, text
     assert f"{TOY_MODELS_ENV}={str(nowhere)!r}" in text
+    study = {
+        "kind": "inference",
+        "name": "toy_inference",
+        "models": ["toy"],
+        "prompts": ["a photo of sks toy"],
+        "metrics": {"names": ["clip_t"], "clip_model": "toy"},
+    }
+    with pytest.raises(SpecError) as raised:
+        load_any_spec(write_spec(tmp_path, study, "inference.yaml"))
+    assert f"'toy' needs {str(nowhere / 'toy-sd')!r}" in str(raised.value)
 
 
 def test_oracle_curves_are_weighted_only_when_measured_and_never_in_inference(

@@ -220,8 +220,8 @@ class EvalSpec(_Strict):
             "aesthetics_head": self.aesthetics_head == TOY and "aesthetics" in self.metrics,
             "oracle_model": self.oracle_model == TOY and "oracle" in self.metrics,
         }
-        found = (toy_model_problem(field) for field, toy in used.items() if toy)
-        return [f"eval.{problem}" for problem in found if problem]
+        found = {field: toy_model_problem(field) for field, toy in used.items() if toy}
+        return [f"eval.{field}: {problem}" for field, problem in found.items() if problem]
 
     @property
     def images_per_step(self) -> int:

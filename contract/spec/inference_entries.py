@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from contract.spec.base import TINY, _folder_problem, _resolve, _Strict
+from contract.toy_models import TOY, toy_model_problem
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 ModelStyle = Literal["auto", "standard", "turbo", "lcm"]
@@ -82,7 +83,7 @@ class ModelSpec(_Strict):
     """One model entry: a base model, a registered checkpoint, or every best of a sweep."""
 
     source: str | None = None
-    """`tiny`, a hub id, a local diffusers folder, `models:/<name>@<alias>` or
+    """`tiny`, `toy`, a hub id, a local diffusers folder, `models:/<name>@<alias>` or
     `models:/<name>/<version>` (a checkpoint registered by `dreamsweep select`)."""
     best_of: Path | None = None
     """A training spec: every `<sweep>.<subject>.<method>@best` it registered (instead of
@@ -110,7 +111,9 @@ class ModelSpec(_Strict):
     @field_validator("source")
     @classmethod
     def _local_or_remote(cls, source: str | None, info: ValidationInfo) -> str | None:
-        if source is None or source == TINY:
+        if source == TOY and (problem := toy_model_problem("base_model")):
+            raise ValueError(problem)
+        if source is None or source in (TINY, TOY):
             return source
         if source.startswith(REGISTRY_PREFIX):
             registry_reference(source)
@@ -142,7 +145,7 @@ class ModelSpec(_Strict):
         """The model's prediction type when known offline."""
         if self.prediction_type is not None:
             return self.prediction_type
-        if self.source == TINY:
+        if self.source in (TINY, TOY):
             return "epsilon"
         if self.source in KNOWN_MODELS:
             return KNOWN_MODELS[self.source][0]
