@@ -30,22 +30,32 @@ subjects and the astronaut photos 0.05-0.20)."""
 PARTS = tuple(curve.split("/")[1] for curve in ORACLE_CURVES)
 
 
+def load_oracle(source: str) -> Oracle:
+    """`eval.oracle_model`: `toy` (committed) or a file."""
+    return Oracle.load(toy_model_path("oracle_model") if source == TOY else Path(source))
+
+
+def toy_subject(oracle: Oracle, files: list[Path]) -> tuple[str, float]:
+    """The world's subject that a subject's image files show, and their match to it; raises
+    ValueError when they show none (`dreamsweep validate` asks before any trial starts)."""
+    subject, match = oracle.nearest_subject([Image.open(p).convert("RGB") for p in files])
+    if match < SUBJECT_MATCH_FLOOR:
+        raise ValueError(
+            f"metric 'oracle' judges images of the toy world's subjects, and the images in "
+            f"{str(files[0].parent)!r} show none of them (best: {subject!r}, match "
+            f"{match:.2f} < {SUBJECT_MATCH_FLOOR}); use a toy-world subject folder "
+            "(configs/subjects/toyworld/) or drop 'oracle'"
+        )
+    return subject, match
+
+
 class OracleMetric(EvalMetric):
     name = "oracle"
 
     def __init__(self, trial: TrialContext) -> None:
         super().__init__(trial)
-        source = trial.spec.oracle_model
-        self.oracle = Oracle.load(toy_model_path("oracle_model") if source == TOY else Path(source))
-        references = [Image.open(path).convert("RGB") for path in trial.reference_files]
-        self.subject, self.match = self.oracle.nearest_subject(references)
-        if self.match < SUBJECT_MATCH_FLOOR:
-            raise ValueError(
-                f"eval.metrics: 'oracle' judges images of the toy world's subjects, and the "
-                f"subject's images ({trial.reference_files[0].parent}) show none of them (best: "
-                f"{self.subject!r}, match {self.match:.2f} < {SUBJECT_MATCH_FLOOR}); use it with "
-                "a toy-world subject folder (configs/subjects/toyworld/)"
-            )
+        self.oracle = load_oracle(trial.spec.oracle_model)
+        self.subject, self.match = toy_subject(self.oracle, trial.reference_files)
         # The images last judged (held, so no later set can be taken for them) and their judgement.
         self._judged: tuple[GeneratedImages, Judgement] | None = None
 

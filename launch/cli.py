@@ -35,6 +35,7 @@ from launch.preflight import (
     missing_packages,
     model_warnings,
     network_warnings,
+    oracle_problems,
     tracking_warnings,
 )
 from launch.slurm import SlurmError
@@ -325,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("validate", "run"):
             # select, status, report read a sweep back anywhere
             problems += missing_device(spec) + missing_compiler(spec) + face_problems(spec)
+            problems += oracle_problems(spec)
             problems += missing_downloads(spec)
         if problems:
             raise SpecError(str(args.spec), problems)

@@ -100,6 +100,24 @@ def missing_compiler(spec: SweepSpec) -> list[str]:
     ]
 
 
+def oracle_problems(spec: SweepSpec) -> list[str]:
+    """`oracle`: every subject's images (the fewest any trial uses) show one of the toy
+    world's subjects, so no trial fails on it at its first evaluation."""
+    if "oracle" not in spec.eval.metrics:
+        return []
+    from evaluation.metric_oracle import load_oracle, toy_subject
+
+    oracle = load_oracle(spec.eval.oracle_model)
+    problems = []
+    for index, subject in enumerate(spec.subjects):
+        files = subject_image_files(subject.images)[: min(spec.grid.num_images)]
+        try:
+            toy_subject(oracle, files)
+        except ValueError as err:
+            problems.append(f"subjects[{index}].images: {err}")
+    return problems
+
+
 def face_problems(spec: SweepSpec) -> list[str]:
     """`identity`: dlib and its models installed, person subjects only, and exactly one
     detectable face in every training image the trials use (each file that has not, at once).

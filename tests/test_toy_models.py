@@ -31,6 +31,7 @@ from evaluation.aesthetics import load_aesthetic_head
 from evaluation.clip import Clip
 from evaluation.evaluator import Evaluator
 from launch.grid import expand_grid
+from launch.preflight import oracle_problems
 from toyworld.corrupt import CORRUPTIONS, corrupt
 from toyworld.render import render
 from toyworld.scene import parse_context, prompt_template, with_context
@@ -202,11 +203,21 @@ def test_the_oracle_metric_logs_four_curves_scoring_the_truth_high_and_corruptio
     assert len(columns["oracle/subject"]) == len(evaluator.jobs)
 
 
-def test_the_oracle_refuses_a_subject_that_is_not_the_toy_worlds() -> None:
+def test_the_oracle_refuses_a_subject_that_is_not_the_toy_worlds(tmp_path: Path) -> None:
     spec = EvalSpec(**TOY_EVAL, metrics=["oracle"])
     drawn = sorted((REPO / "configs" / "subjects" / "robot").glob("*.png"))
     with pytest.raises(ValueError, match="show none of them"):
         Evaluator(spec, token="sks", class_token="toy", reference_files=drawn, resolution=64)
+    # Before any trial starts: the preflight of `validate` and `run` names the subject.
+    sweep = toy_spec()
+    sweep["subjects"].append(
+        {"name": "drawn", "images": str(drawn[0].parent), "class_token": "toy"}
+    )
+    assert oracle_problems(load_spec(write_spec(tmp_path, sweep))) == [
+        f"subjects[1].images: metric 'oracle' judges images of the toy world's subjects, and the "
+        f"images in {str(drawn[0].parent)!r} show none of them (best: 'cabin', match 0.20 < 0.4); "
+        "use a toy-world subject folder (configs/subjects/toyworld/) or drop 'oracle'"
+    ]
 
 
 @pytest.mark.slow
