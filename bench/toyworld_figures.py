@@ -22,7 +22,8 @@ from toyworld_trials import TrialCurves, oracle_stop, read_trials
 
 from contract.layout import METRIC_BEST_STEP, METRIC_COLLAPSE_STEP
 from contract.scoring import first_collapse
-from contract.spec import SweepSpec, load_spec
+from contract.spec import STUDY_RANGES, SweepSpec, load_spec
+from selection.report import fit_steps_per_image
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -38,7 +39,8 @@ def trial_row(trial: TrialCurves, spec: SweepSpec) -> dict[str, object]:
     # What select reports, and the issue's own test on the two curves it names.
     ranges, threshold = spec.selection.ranges, spec.selection.collapse.threshold
     quality = [m for m in ("aesthetics", "oracle/clean") if m in trial.curves]
-    fell = first_collapse(trial.curves, quality, {**ranges, "oracle/clean": (0.0, 1.0)}, threshold)
+    # The study's ranges where the spec names none (a spec's ranges replace them whole).
+    fell = first_collapse(trial.curves, quality, {**STUDY_RANGES, **ranges}, threshold)
     return {
         "trial": trial.label,
         "method": trial.method,
@@ -61,13 +63,6 @@ def trial_row(trial: TrialCurves, spec: SweepSpec) -> dict[str, object]:
     }
 
 
-def fitted_k(rows: list[dict[str, object]]) -> float | None:
-    """Least squares `steps = k × images` through the origin over the selected steps."""
-    points = [(r["num_images"], r["best_step"]) for r in rows]
-    denominator = sum(n * n for n, _ in points)
-    return None if not denominator else sum(n * s for n, s in points) / denominator
-
-
 def more_images_more_steps(rows: list[dict[str, object]]) -> dict[str, object]:
     """Per subject × method × learning rate: is the best step with the most images at least the
     best step with the fewest?"""
@@ -81,8 +76,8 @@ def more_images_more_steps(rows: list[dict[str, object]]) -> dict[str, object]:
     return {"groups": verdict, "share": statistics.mean(verdict.values()) if verdict else None}
 
 
-def figures(spec: SweepSpec) -> dict[str, object]:
-    rows = [trial_row(t, spec) for t in read_trials(spec)]
+def figures(spec: SweepSpec, trials: list[TrialCurves]) -> dict[str, object]:
+    rows = [trial_row(t, spec) for t in trials]
     fine_tunes = [r for r in rows if r["method"] in ("dreambooth", "lora")]
     return {
         "trials": rows,
@@ -90,7 +85,8 @@ def figures(spec: SweepSpec) -> dict[str, object]:
         "interior_best_share": statistics.mean(r["interior_best"] for r in rows),
         "collapsed_reported": [r["trial"] for r in rows if r["collapse_reported"] is not None],
         "quality_collapsed": [r["trial"] for r in rows if r["quality_collapse"] is not None],
-        "fitted_k": fitted_k(rows),
+        # Least squares `steps = k × images` through the origin, as the report's fit table.
+        "fitted_k": fit_steps_per_image([(r["num_images"], r["best_step"]) for r in rows]),
         "more_images_more_steps": more_images_more_steps(rows),
     }
 
@@ -218,9 +214,10 @@ def main() -> None:  # pragma: no cover - the benchmark, run by hand
     parser.add_argument("--spec", type=Path, default=REPO / "configs" / "quickstart.yaml")
     args = parser.parse_args()
     spec = load_spec(args.spec)
-    result = figures(spec) | {"range_calibration": range_calibration()}
+    trials = read_trials(spec)  # one read of the store for the figures and the samples
+    result = figures(spec, trials) | {"range_calibration": range_calibration()}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    sample_figure(spec, read_trials(spec), RESULTS / "toyworld_samples.png")
+    sample_figure(spec, trials, RESULTS / "toyworld_samples.png")
     (RESULTS / "toyworld.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result, "python bench/toyworld_figures.py")
     (RESULTS / "toyworld_quickstart.md").write_text(text)

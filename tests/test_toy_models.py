@@ -14,18 +14,19 @@ import yaml
 from conftest import REPO, Recorder, run_trial, write_spec
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
+from pydantic import ValidationError
 
 from contract.spec import (
     ORACLE_CURVES,
     Curve,
     EvalSpec,
     Metric,
+    SelectionSpec,
     SpecError,
     load_any_spec,
     load_spec,
     logged_curves,
 )
-from contract.spec.base import CURVES_OF
 from contract.toy_models import TOY_MODELS_ENV, toy_models_folder
 from evaluation.aesthetics import load_aesthetic_head
 from evaluation.clip import Clip
@@ -138,9 +139,11 @@ def test_oracle_curves_are_weighted_only_when_measured_and_never_in_inference(
 
 def test_the_curves_selection_can_name_are_the_metrics_curves() -> None:
     """Selection names curves: each metric's own, the oracle's four in its place."""
-    curves = {c for m in get_args(Metric) for c in CURVES_OF.get(m, (m,))}
-    assert set(get_args(Curve)) == curves
+    assert set(get_args(Curve)) == set(get_args(Metric)) - {"oracle"} | set(ORACLE_CURVES)
     assert logged_curves(["similarity", "oracle"]) == ["similarity", *ORACLE_CURVES]
+    assert SelectionSpec(weights={"oracle/score": 1.0}).weights == {"oracle/score": 1.0}
+    with pytest.raises(ValidationError, match="oracle/score"):  # the allowed names are listed
+        SelectionSpec(weights={"oracle": 1.0})
 
 
 def test_an_oracle_file_that_is_not_there_is_named(tmp_path: Path) -> None:

@@ -189,7 +189,7 @@ def training_data(
         draws.append((rng, scene, render(scene), clean, decoded))
     shown_images = [shown.image for _, _, shown, _, _ in draws]
     if decode is not None:
-        chosen = [i for i, draw in enumerate(draws) if draw[4]]
+        chosen = [i for i, (*_, decoded) in enumerate(draws) if decoded]
         for start in range(0, len(chosen), DECODE_BATCH):
             rows = chosen[start : start + DECODE_BATCH]
             for row, image in zip(rows, decode([shown_images[i] for i in rows]), strict=True):
